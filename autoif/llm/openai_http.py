@@ -1,0 +1,177 @@
+"""OpenAI-compatible HTTP engine: vLLM server, llama.cpp server, any hosted endpoint.
+
+Bounded concurrency, retries with exponential backoff on 429/5xx/timeouts/connection errors, server-side
+``n``, JSON-schema ``response_format`` (vLLM and llama.cpp both honour it), token usage recorded.
+A response that is not the JSON an OpenAI server sends is an :class:`LLMResponseError`, never a silent empty.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any, Sequence
+
+import httpx
+
+from autoif.config import EngineConfig
+from autoif.llm import Usage
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class LLMError(RuntimeError):
+    """The engine could not get completions."""
+
+
+class LLMResponseError(LLMError):
+    """The server answered, but not with a usable completion (garbage body, wrong shape)."""
+
+
+class LLMTransientError(LLMError):
+    """Retries ran out on 429/5xx/timeouts/connection errors; a Prefect retry may still succeed."""
+
+
+class OpenAIHTTPLLM:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        max_retries: int = 5,
+        timeout_s: float = 120.0,
+        backoff_s: float = 0.5,
+        chat: bool = True,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.chat = chat
+        self.usage = Usage()
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "OpenAIHTTPLLM":
+        if not cfg.base_url:
+            raise ValueError("engine.base_url is required for engine.kind=openai (e.g. http://127.0.0.1:8000/v1)")
+        return cls(
+            base_url=cfg.base_url,
+            model=cfg.model,
+            api_key=os.environ.get(cfg.api_key_env),
+            max_concurrency=cfg.max_concurrency,
+            max_retries=cfg.max_retries,
+            timeout_s=cfg.timeout_s,
+            backoff_s=cfg.backoff_s,
+            chat=cfg.chat,
+        )
+
+    @property
+    def identity(self) -> str:
+        return f"openai:{self.base_url}:{self.model}:{'chat' if self.chat else 'completion'}"
+
+    # --- public sync facade ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        seed: int | None = None,
+        json_schema: dict | None = None,
+    ) -> list[list[str]]:
+        coro = self.agenerate(prompts, n, temperature, max_tokens, seed, json_schema)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        # Called from inside a running loop (e.g. an async Prefect task): run on a private loop in a thread.
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
+
+    async def agenerate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        seed: int | None = None,
+        json_schema: dict | None = None,
+    ) -> list[list[str]]:
+        sem = asyncio.Semaphore(self.max_concurrency)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout_s) as client:
+
+            async def one(i: int, prompt: str) -> list[str]:
+                async with sem:
+                    # Per-prompt seed keeps prompts distinct while the run stays reproducible.
+                    body = self._body(prompt, n, temperature, max_tokens, None if seed is None else seed + i, json_schema)
+                    return await self._post(client, body, n)
+
+            out = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        self.usage.prompts += len(prompts)
+        return list(out)
+
+    # --- internals ------------------------------------------------------------------------------------
+    def _body(self, prompt: str, n: int, temperature: float, max_tokens: int, seed: int | None, json_schema: dict | None) -> dict:
+        body: dict[str, Any] = {"model": self.model, "n": n, "temperature": temperature, "max_tokens": max_tokens}
+        if seed is not None:
+            body["seed"] = seed
+        if self.chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": json_schema, "strict": True},
+            }
+        return body
+
+    async def _post(self, client: httpx.AsyncClient, body: dict, n: int) -> list[str]:
+        path = "/chat/completions" if self.chat else "/completions"
+        last: str = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.usage.retries += 1
+                await asyncio.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            self.usage.requests += 1
+            try:
+                resp = await client.post(path, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = f"{type(e).__name__}: {e}"
+                self._count_error(type(e).__name__)
+                continue
+            if resp.status_code in RETRY_STATUS:
+                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                self._count_error(f"http_{resp.status_code}")
+                continue
+            if resp.status_code >= 400:
+                self._count_error(f"http_{resp.status_code}")
+                raise LLMError(f"{self.base_url}{path}: HTTP {resp.status_code}: {resp.text[:500]}")
+            return self._parse(resp, path, n)
+        raise LLMTransientError(f"{self.base_url}{path}: gave up after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _parse(self, resp: httpx.Response, path: str, n: int) -> list[str]:
+        try:
+            data = resp.json()
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+            texts = [c["message"]["content"] if self.chat else c["text"] for c in choices]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self._count_error("bad_response")
+            raise LLMResponseError(f"{self.base_url}{path}: not an OpenAI completion response ({e!r}): {resp.text[:300]!r}") from e
+        if len(texts) != n or not all(isinstance(t, str) for t in texts):
+            self._count_error("bad_response")
+            raise LLMResponseError(f"{self.base_url}{path}: asked for n={n} string completions, got {texts!r:.300}")
+        usage = data.get("usage") or {}
+        self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
+        self.usage.completions += len(texts)
+        return texts
+
+    def _count_error(self, kind: str) -> None:
+        self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1

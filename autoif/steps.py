@@ -1,0 +1,265 @@
+"""The one wrapper every AutoIF step goes through: a pure function of frames becomes a cached, retryable
+Prefect task that reads its inputs from the store, validates and writes its output as versioned Parquet,
+and logs its funnel to MLflow and to a Prefect table artifact.
+
+A step function takes input frames (kept rows only) by name, plus ``cfg`` (its config section), ``llm``
+and ``seed`` when it asks for them, and returns one frame holding kept rows (``reason`` null) and dropped
+rows (``reason`` says why).
+
+Cache key of a step = hash(step name, the function's source, its config section, the digests of its input
+datasets, the LLM identity when it calls the LLM, run name, seed). The same key is Prefect's cache key and
+the store path ``<root>/<run>/<step>/<key>/``, so a re-run with identical inputs makes no LLM call, and a
+changed threshold recomputes that step and what follows, nothing upstream.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import inspect
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+from pydantic import BaseModel
+
+from autoif.config import RunConfig
+from autoif.store import Manifest, StepRef, Store
+from autoif.tracking import Funnel, Tracker, funnel_markdown
+
+log = logging.getLogger("autoif")
+
+
+@dataclass
+class RunContext:
+    """What the tasks of one flow run share: config, store, tracker, the parent MLflow run, the engine."""
+
+    cfg: RunConfig
+    store: Store
+    tracker: Tracker
+    parent_run_id: str
+    llm_override: Any = None
+    funnels: list[Funnel] = field(default_factory=list)
+    started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+    _llm: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def llm(self):
+        """Built on first use only: a fully cached run never loads a model."""
+        with self._lock:
+            if self._llm is None:
+                if self.llm_override is not None:
+                    self._llm = self.llm_override
+                else:
+                    from autoif.llm import make_llm
+
+                    self._llm = make_llm(self.cfg.engine)
+            return self._llm
+
+    def llm_identity(self) -> str:
+        if self.llm_override is not None:
+            return self.llm_override.identity
+        e = self.cfg.engine
+        return f"{e.kind.value}:{e.base_url or ''}:{e.model}:{e.model_path or ''}:{e.scripted_path or ''}:{e.chat}"
+
+
+_current: RunContext | None = None
+
+
+def current() -> RunContext:
+    if _current is None:
+        raise RuntimeError("no AutoIF run context: call steps inside `with pipeline(cfg, ...)` in a flow")
+    return _current
+
+
+@contextlib.contextmanager
+def pipeline(cfg: RunConfig, flow_name: str, llm=None) -> Iterator[RunContext]:
+    """Open the store, the MLflow parent run (tagged with the Prefect flow run), and the run context."""
+    global _current
+    from prefect.runtime import flow_run
+
+    tracker = Tracker(cfg.tracking)
+    flow_run_id = flow_run.get_id()
+    url = flow_run.get_flow_run_ui_url() if flow_run_id else None
+    outer = _current
+    parent = tracker.start_pipeline_run(flow_name, cfg, flow_run_id, url, parent_run_id=outer.parent_run_id if outer else None)
+    if outer is not None and llm is None and outer.cfg.engine == cfg.engine:
+        llm = outer.llm_override or outer._llm  # a subflow shares the engine (one model load per process)
+    ctx = RunContext(cfg=cfg, store=Store.from_config(cfg.store), tracker=tracker, parent_run_id=parent, llm_override=llm)
+    _current = ctx
+    status = "FAILED"
+    before = ctx.llm_override.usage.as_metrics() if ctx.llm_override is not None else {}
+    try:
+        yield ctx
+        status = "FINISHED"
+    finally:
+        _current = outer
+        from mlflow.entities import Metric
+
+        # LLM usage of this flow run (0 requests when every step came from the cache)
+        after = ctx._llm.usage.as_metrics() if ctx._llm is not None else {}
+        usage = {k: v - before.get(k, 0.0) for k, v in after.items()} or {"llm_requests": 0.0}
+        tracker.client.log_batch(parent, metrics=[Metric(k, v, 0, 0) for k, v in usage.items()])
+        if ctx.funnels:
+            tracker.client.log_text(parent, funnel_markdown(ctx.funnels), "funnel.md")
+            _artifact_markdown(f"{flow_name}-funnel", funnel_markdown(ctx.funnels), f"AutoIF funnel of run {cfg.run_name}")
+        tracker.end_run(parent, status)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry only what may succeed on a second try: HTTP 429/5xx/timeouts, connection and storage I/O errors."""
+    import httpx
+
+    from autoif.llm.openai_http import LLMTransientError
+
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (LLMTransientError, httpx.TransportError, TimeoutError, ConnectionError))
+
+
+def _kept(df: pd.DataFrame) -> pd.DataFrame:
+    if "reason" not in df:
+        return df
+    return df[df["reason"].isna()].reset_index(drop=True)
+
+
+def step(
+    name: str,
+    *,
+    schema=None,
+    config: str | None = None,
+    uses_llm: bool = False,
+    key_extra: Callable[[RunConfig], Any] | None = None,
+    metrics: Callable[[pd.DataFrame], dict[str, float]] | None = None,
+    retries: int = 2,
+    retry_delay_seconds: float = 5,
+):
+    """Turn ``fn(**frames, cfg=?, llm=?, seed=?) -> DataFrame`` into the Prefect task of step ``name``."""
+    from prefect import task
+    from prefect.cache_policies import NONE
+
+    def deco(fn: Callable[..., pd.DataFrame]):
+        params = inspect.signature(fn).parameters
+        source = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+
+        def key_of(inputs: dict[str, StepRef]) -> str:
+            ctx = current()
+            section = getattr(ctx.cfg, config) if config else None
+            return _hash({
+                "step": name,
+                "source": source,
+                "config": section.model_dump(mode="json") if isinstance(section, BaseModel) else None,
+                "inputs": {k: r.digest for k, r in sorted(inputs.items())},
+                "llm": ctx.llm_identity() if uses_llm else None,
+                "extra": key_extra(ctx.cfg) if key_extra else None,
+                "run": ctx.cfg.run_name,
+                "seed": ctx.cfg.seed,
+            })
+
+        @task(
+            name=name,
+            task_run_name=name,
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+            retry_condition_fn=is_transient,
+            cache_key_fn=lambda _ctx, p: f"autoif-{name}-{key_of(p.get('inputs') or {})}",
+            persist_result=True,
+        )
+        def run_step(inputs: dict[str, StepRef]) -> StepRef:
+            ctx = current()
+            key = key_of(inputs)
+            found = ctx.store.manifest(ctx.cfg.run_name, name, key)
+            if found is not None:  # done earlier (Prefect's cache was cleared, or a retried flow run)
+                log.info("step %s: reusing %s", name, found.uri)
+                return _ref(found)
+            frames = {k: _kept(ctx.store.read_step(r)[0]) for k, r in inputs.items()}
+            kwargs: dict[str, Any] = dict(frames)
+            if "cfg" in params:
+                kwargs["cfg"] = getattr(ctx.cfg, config) if config else ctx.cfg
+            if "llm" in params:
+                kwargs["llm"] = ctx.llm
+            if "seed" in params:
+                kwargs["seed"] = ctx.cfg.seed
+            out = fn(**kwargs)
+            funnel = Funnel.of(name, sum(len(f) for f in frames.values()), out)
+            meta = {"funnel": funnel.model_dump(), "metrics": metrics(out) if metrics else {}}
+            m = ctx.store.write_step(out, ctx.cfg.run_name, name, key, schema=schema,
+                                     upstream=[r.uri for r in inputs.values()], meta=meta)
+            return _ref(m)
+
+        return Step(name=name, pure=fn, task=run_step)
+
+    return deco
+
+
+@dataclass
+class Step:
+    """A step as the flow sees it: ``ref = step(input_name=ref, ...)``. ``task`` is the Prefect task (cached,
+    retryable); the call records the funnel in MLflow and as a Prefect artifact from the flow, also when
+    Prefect answered from its cache. ``pure`` is the plain data-in/data-out function."""
+
+    name: str
+    pure: Callable[..., pd.DataFrame]
+    task: Any
+
+    def __call__(self, **inputs: StepRef) -> StepRef:
+        ref = self.task(inputs=inputs)
+        ctx = current()
+        m = ctx.store.manifest(ref.run, ref.step, ref.key)
+        if m is None:
+            raise RuntimeError(f"step {self.name}: task returned {ref.uri} but it has no manifest")
+        _record(ctx, m)
+        return ref
+
+
+def _ref(m: Manifest) -> StepRef:
+    return StepRef(**m.model_dump(include=set(StepRef.model_fields)))
+
+
+def _record(ctx: RunContext, m: Manifest) -> None:
+    funnel = Funnel(**m.meta["funnel"])
+    reused = m.created_at < ctx.started_at  # written by an earlier flow run: Prefect or store cache hit
+    ctx.funnels.append(funnel)
+    sample = next(iter(ctx.store.iter_step(m, batch_rows=200)), None)
+    ctx.tracker.log_step(ctx.parent_run_id, m, sample, funnel, _section(ctx, m.step), reused=reused,
+                         metrics=m.meta.get("metrics") or {})
+    _artifact_table(
+        f"{ctx.cfg.run_name}-{m.step}",
+        [{"step": m.step, "rows_in": funnel.rows_in, "kept": funnel.rows_out, "dropped": funnel.dropped, "reason": r, "count": c}
+         for r, c in (funnel.reasons.items() or [("-", 0)])],
+        f"{m.step}: {funnel.rows_out} kept of {funnel.rows_in} in; output {m.uri}" + (" (reused)" if reused else ""),
+    )
+
+
+def _section(ctx: RunContext, step: str) -> BaseModel | None:
+    value = getattr(ctx.cfg, step, None)
+    return value if isinstance(value, BaseModel) else None
+
+
+def _artifact_key(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100] or "autoif"
+
+
+def _artifact_table(key: str, rows: list[dict], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import TaskRunContext, FlowRunContext
+
+    if TaskRunContext.get() or FlowRunContext.get():
+        create_table_artifact(table=rows, key=_artifact_key(key), description=description)
+
+
+def _artifact_markdown(key: str, md: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get():
+        create_markdown_artifact(markdown=md, key=_artifact_key(key), description=description)

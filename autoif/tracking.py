@@ -1,0 +1,143 @@
+"""MLflow tracking, in one thin place: a parent run per flow run, a nested run per step.
+
+Uses ``MlflowClient`` with explicit run ids (no fluent active-run state), so Prefect tasks running in
+worker threads log to the right run. The step's output dataset is linked with ``mlflow.data`` whose
+source is the Parquet URI and whose digest is the manifest's digest.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+from pydantic import BaseModel
+
+from autoif.config import RunConfig, TrackingConfig
+from autoif.store import Manifest
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            if set(v) == {"op", "value"}:  # a Threshold: one readable param, e.g. ">= 0.8"
+                out[key] = f"{v['op']} {v['value']}"
+            else:
+                out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = cfg.tracking_uri
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(cfg.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        self.tracking_uri = uri
+
+    def start_pipeline_run(
+        self, flow_name: str, cfg: RunConfig, flow_run_id: str | None, flow_run_url: str | None, parent_run_id: str | None = None
+    ) -> str:
+        """The MLflow run of one flow run (nested under the calling flow's run for a subflow)."""
+        tags = {"autoif.flow": flow_name, "autoif.run_name": cfg.run_name, "autoif.preset": cfg.preset.value}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if flow_run_id:
+            tags["prefect.flow_run_id"] = flow_run_id
+        if flow_run_url:
+            tags["prefect.flow_run_url"] = flow_run_url
+        run = self.client.create_run(self.experiment_id, run_name=f"{cfg.run_name}:{flow_name}", tags=tags)
+        params = flatten(cfg.model_dump(mode="json"))
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i : i + 100])
+        self.client.log_text(run.info.run_id, cfg.model_dump_json(indent=2), "config.json")
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_step(
+        self,
+        parent_run_id: str,
+        manifest: Manifest,
+        sample: pd.DataFrame | None,
+        funnel: "Funnel",
+        params: BaseModel | None,
+        reused: bool,
+        metrics: Mapping[str, float] | None = None,
+    ) -> str:
+        """One nested run per step: params, counts in/out, drop reasons, the output dataset."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=manifest.step,
+            tags={"mlflow.parentRunId": parent_run_id, "autoif.step": manifest.step, "autoif.key": manifest.key,
+                  "autoif.reused": str(reused).lower(), "autoif.uri": manifest.uri},
+        )
+        rid = run.info.run_id
+        p = flatten(params.model_dump(mode="json")) if params is not None else {}
+        values = {"rows_in": funnel.rows_in, "rows_out": funnel.rows_out, "rows_dropped": funnel.dropped,
+                  **{f"dropped.{r}": c for r, c in funnel.reasons.items()}, **(metrics or {})}
+        self.client.log_batch(
+            rid,
+            params=[Param(k, v) for k, v in p.items()],
+            metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()],
+        )
+        # the parent run gets the funnel too, prefixed by step, so runs compare side by side
+        self.client.log_batch(parent_run_id, metrics=[Metric(f"{manifest.step}.{k}", float(v), 0, 0) for k, v in values.items()])
+        if sample is None:
+            sample = pd.DataFrame({c: [] for c in manifest.columns})
+        with warnings.catch_warnings():  # MLflow registers two local-artifact source classes and warns it picked one
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            ds = mlflow.data.from_pandas(sample, source=manifest.uri, name=manifest.step, digest=manifest.digest[:32])
+        for target in (rid, parent_run_id):
+            self.client.log_inputs(target, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", manifest.step)])])
+        self.client.log_text(rid, json.dumps(funnel.as_dict(), indent=2), "funnel.json")
+        self.client.set_terminated(rid)
+        return rid
+
+
+class Funnel(BaseModel):
+    """Counts of one step: rows in, rows kept, and why the others were dropped."""
+
+    step: str
+    rows_in: int
+    rows_out: int
+    reasons: dict[str, int]
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.reasons.values())
+
+    def as_dict(self) -> dict:
+        return {**self.model_dump(), "dropped": self.dropped}
+
+    @classmethod
+    def of(cls, step: str, rows_in: int, out: pd.DataFrame) -> "Funnel":
+        reasons = out["reason"].dropna().value_counts().to_dict() if "reason" in out else {}
+        kept = int(out["reason"].isna().sum()) if "reason" in out else len(out)
+        return cls(step=step, rows_in=rows_in, rows_out=kept, reasons={str(k): int(v) for k, v in reasons.items()})
+
+
+def funnel_markdown(funnels: list[Funnel]) -> str:
+    lines = ["| step | rows in | kept | dropped | reasons |", "|---|---:|---:|---:|---|"]
+    for f in funnels:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(f.reasons.items(), key=lambda kv: -kv[1])) or "-"
+        lines.append(f"| {f.step} | {f.rows_in} | {f.rows_out} | {f.dropped} | {reasons} |")
+    return "\n".join(lines)

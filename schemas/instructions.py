@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from autoif.schemas.base import StepFrame
+
+
+class Seeds(StepFrame):
+    instruction_id: Series[str] = pa.Field(unique=True)
+    instruction: Series[str] = pa.Field(str_length={"min_value": 1})
+    family: Series[str]
+
+
+class Instructions(StepFrame):
+    """Seeds plus self-instructed candidates; dropped ones keep their reason (empty, too_long, duplicate, ...)."""
+
+    instruction_id: Series[str] = pa.Field(unique=True)
+    instruction: Series[str]
+    family: Series[str]  # seed family, or "augmented"
+    source: Series[str] = pa.Field(isin=["seed", "self_instruct"])

@@ -1,0 +1,84 @@
+"""The foundation end to end: a real Prefect flow run writes validated Parquet and a linked MLflow run."""
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from autoif.flows.instructions import build_instructions
+from autoif.store import Store
+from autoif.tasks.instructions import SELF_INSTRUCT_PROMPT, parse_instruction_lines, read_seeds, seeds_path
+
+CANNED = [
+    "Sure! Here are some:\n- Answer with exactly 7 words.\n- answer in all lowercase letters,  with no capital letters at all.\n- x",
+    "- Use exactly two hashtags in your response.\n- Écrivez en français uniquement s'il vous plaît, é è ê à ù ç ô",
+    "I cannot think of any.",
+]
+
+
+def script_for(cfg):
+    seeds = read_seeds(seeds_path(cfg.self_instruct))
+    prompt = SELF_INSTRUCT_PROMPT.format(seeds="\n".join(f"- {s}" for s in seeds["instruction"]))
+    return [{"prompt": prompt, "outputs": CANNED}]
+
+
+def test_parse_instruction_lines():
+    assert parse_instruction_lines("intro\n- one thing\n* two\n3. three\nnot a line") == ["one thing", "two", "three"]
+
+
+def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tmp_path):
+    cfg = make_cfg({"self_instruct.n_calls": 3, "run_name": "t1"})
+    cfg = make_cfg({"self_instruct.n_calls": 3, "run_name": "t1"}, script=script_for(cfg))
+    refs = build_instructions(cfg)
+
+    out = refs["self_instruct"]
+    files = sorted((tmp_path / "store" / "t1" / "self_instruct" / out.key).glob("*.parquet"))
+    assert files and out.uri == str(files[0].parent)
+    df = pq.read_table(files[0]).to_pandas()
+    kept = df[df.reason.isna()]
+    assert len(kept) == 40 + 2  # the seeds plus two new instructions
+    assert set(kept[kept.source == "self_instruct"].instruction) == {"Answer with exactly 7 words.", "Use exactly two hashtags in your response."}
+    assert df.reason.value_counts().to_dict() == {"duplicate": 1, "too_short": 1, "non_english": 1, "no_instruction_lines": 1}
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    parent = client.search_runs([exp.experiment_id], "tags.`autoif.flow` = 'instructions'")[0]
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.metrics["llm_prompts"] == 1.0
+    assert parent.data.metrics["self_instruct.rows_out"] == 42 and parent.data.metrics["self_instruct.dropped.duplicate"] == 1
+    step_run = client.search_runs([exp.experiment_id], "tags.`autoif.step` = 'self_instruct'")[0]
+    assert step_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert step_run.data.params["n_calls"] == "3"
+    ds = step_run.inputs.dataset_inputs[0].dataset
+    assert json.loads(ds.source)["uri"] == out.uri and ds.digest == out.digest[:32]
+
+    # identical second run: every step from the cache, no LLM call, same versions
+    again = build_instructions(cfg)
+    assert again == refs
+    runs = client.search_runs([exp.experiment_id], "tags.`autoif.flow` = 'instructions'", order_by=["start_time DESC"])
+    assert len(runs) == 2 and runs[0].data.metrics["llm_requests"] == 0.0
+    assert runs[0].data.metrics["self_instruct.rows_out"] == 42  # the funnel is logged for cached steps too
+
+    # a changed self-instruct setting recomputes self_instruct but not seeds
+    changed = build_instructions(make_cfg({"self_instruct.n_calls": 2, "run_name": "t1"}))
+    assert changed["seeds"] == refs["seeds"] and changed["self_instruct"].key != out.key
+    assert len(Store(cfg.store.root).manifests("t1")) == 3
+
+
+def test_prefect_artifacts_show_the_funnel(prefect_harness, make_cfg):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg = make_cfg({"self_instruct.n_calls": 0, "run_name": "art"}, script=[])
+    build_instructions(cfg)
+    import asyncio
+
+    async def fetch():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["art-self-instruct", "instructions-funnel"])))
+
+    arts = asyncio.run(fetch())
+    assert {a.key for a in arts} >= {"art-self-instruct", "instructions-funnel"}
+    md = next(a for a in arts if a.key == "instructions-funnel").data
+    assert "| self_instruct | 40 | 40 | 0 |" in md
