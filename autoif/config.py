@@ -104,7 +104,11 @@ class SelfInstructConfig(_Model):
     max_tokens: int = 1024
     min_chars: int = 10
     max_chars: int = 300
+    min_english_ratio: float = Field(0.9, ge=0, le=1)  # share of letters that must be ASCII
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1)  # Jaccard of word shingles (MinHash)
+    shingle_words: int = Field(2, ge=1)  # words per shingle for near-duplicate detection
+    minhash_perms: int = Field(64, ge=4)  # MinHash signature length
+    minhash_bands: int = Field(16, ge=1)  # LSH bands (perms / bands rows each); candidates are re-checked exactly
     batch_size: int = Field(1000, ge=1)
 
 
@@ -114,7 +118,10 @@ class VerifierSynthesisConfig(_Model):
     max_tokens: int = 1024
     n_cases: int = Field(3, ge=1)  # test cases asked per completion
     use_json_schema: bool = True  # constrained decoding when the engine supports it
-    batch_size: int = Field(256, ge=1)
+    max_func_chars: int = Field(20_000, ge=1)  # longer function sources are rejected unparsed
+    max_case_chars: int = Field(5_000, ge=1)  # longer test-case inputs are rejected
+    max_raw_chars: int = Field(4_000, ge=0)  # raw completion text kept per row for debugging
+    batch_size: int = Field(256, ge=1)  # instructions per LLM batch / output part
 
 
 class CrossValidationConfig(_Model):
@@ -126,6 +133,9 @@ class CrossValidationConfig(_Model):
     drop_constant_funcs: bool = True  # same verdict on every probe + case: cannot discriminate
     require_both_labels: bool = True  # surviving cases must hold a True and a False example
     timeout_s: float = 1.0  # per call; timeouts and exceptions count as wrong
+    probes_path: str | None = None  # probe responses for the constant-verdict filter; None = shipped set
+    sandbox_workers: int | None = None  # None = one per CPU
+    batch_size: int = Field(256, ge=1)  # instructions per sandbox batch / output part
 
 
 class NLIMode(str, Enum):
@@ -141,6 +151,8 @@ class BackTranslationConfig(_Model):
     mode: NLIMode = NLIMode.llm_judge
     nli_model: str | None = None  # local path or id of an NLI classifier (paper: mDeBERTa-v3-base xnli)
     contradiction_label: str = "contradiction"
+    nli_batch_size: int = Field(32, ge=1)  # (premise, hypothesis) pairs per classifier forward pass
+    batch_size: int = Field(256, ge=1)  # instructions per LLM batch / output part
 
 
 class QueryAugmentationConfig(_Model):

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 from pydantic import BaseModel
@@ -138,10 +138,20 @@ def step(
     uses_llm: bool = False,
     key_extra: Callable[[RunConfig], Any] | None = None,
     metrics: Callable[[pd.DataFrame], dict[str, float]] | None = None,
+    metrics_final: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    stream: tuple[str, ...] = (),
+    funnel_input: str | None = None,
     retries: int = 2,
     retry_delay_seconds: float = 5,
 ):
-    """Turn ``fn(**frames, cfg=?, llm=?, seed=?) -> DataFrame`` into the Prefect task of step ``name``."""
+    """Turn ``fn(**frames, cfg=?, llm=?, seed=?) -> DataFrame`` into the Prefect task of step ``name``.
+
+    Large data: inputs named in ``stream`` arrive as iterators of kept-row frames (read part by part from the
+    store) instead of one frame, and ``fn`` may return an iterator of frames, each written as one Parquet part
+    as it comes, so memory holds one batch, not the whole step. For an iterator output ``metrics`` is called
+    per part and must return additive values (counts, sums, histogram bins); the wrapper sums them and
+    ``metrics_final`` (optional) derives ratios from the totals. ``funnel_input`` names the input whose rows
+    count as the funnel's ``rows_in`` (default: all inputs)."""
     from prefect import task
     from prefect.cache_policies import NONE
 
@@ -179,8 +189,10 @@ def step(
             if found is not None:  # done earlier (Prefect's cache was cleared, or a retried flow run)
                 log.info("step %s: reusing %s", name, found.uri)
                 return _ref(found)
-            frames = {k: _kept(ctx.store.read_step(r)[0]) for k, r in inputs.items()}
-            kwargs: dict[str, Any] = dict(frames)
+            seen: dict[str, int] = {}
+            kwargs: dict[str, Any] = {}
+            for k, r in inputs.items():
+                kwargs[k] = _counted(ctx.store.iter_step(r), k, seen) if k in stream else _count(_kept(ctx.store.read_step(r)[0]), k, seen)
             if "cfg" in params:
                 kwargs["cfg"] = getattr(ctx.cfg, config) if config else ctx.cfg
             if "llm" in params:
@@ -188,15 +200,66 @@ def step(
             if "seed" in params:
                 kwargs["seed"] = ctx.cfg.seed
             out = fn(**kwargs)
-            funnel = Funnel.of(name, sum(len(f) for f in frames.values()), out)
-            meta = {"funnel": funnel.model_dump(), "metrics": metrics(out) if metrics else {}}
-            m = ctx.store.write_step(out, ctx.cfg.run_name, name, key, schema=schema,
-                                     upstream=[r.uri for r in inputs.values()], meta=meta)
+            upstream = [r.uri for r in inputs.values()]
+            if isinstance(out, pd.DataFrame):
+                funnel = Funnel.of(name, _rows_in(seen, funnel_input), out)
+                meta = {"funnel": funnel.model_dump(), "metrics": metrics(out) if metrics else {}}
+                m = ctx.store.write_step(out, ctx.cfg.run_name, name, key, schema=schema, upstream=upstream, meta=meta)
+                return _ref(m)
+            acc = _Accumulator(name, metrics)
+            m = ctx.store.write_step(acc.watch(out), ctx.cfg.run_name, name, key, schema=schema, upstream=upstream,
+                                     meta=lambda: acc.meta(_rows_in(seen, funnel_input), metrics_final))
             return _ref(m)
 
         return Step(name=name, pure=fn, task=run_step)
 
     return deco
+
+
+def _count(frame: pd.DataFrame, name: str, seen: dict[str, int]) -> pd.DataFrame:
+    seen[name] = seen.get(name, 0) + len(frame)
+    return frame
+
+
+def _counted(frames: Iterable[pd.DataFrame], name: str, seen: dict[str, int]) -> Iterator[pd.DataFrame]:
+    """Kept rows of a streamed input, counted as they pass (the funnel's rows_in)."""
+    seen.setdefault(name, 0)
+    for frame in frames:
+        frame = _kept(frame)
+        if len(frame):
+            yield _count(frame, name, seen)
+
+
+def _rows_in(seen: dict[str, int], funnel_input: str | None) -> int:
+    return seen.get(funnel_input, 0) if funnel_input else sum(seen.values())
+
+
+class _Accumulator:
+    """Funnel counts and additive metrics of a step whose output arrives as an iterator of parts."""
+
+    def __init__(self, name: str, metrics: Callable[[pd.DataFrame], dict[str, float]] | None) -> None:
+        self.name, self.metrics = name, metrics
+        self.kept = 0
+        self.reasons: dict[str, int] = {}
+        self.totals: dict[str, float] = {}
+        self.parts = 0
+
+    def watch(self, frames: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for frame in frames:
+            part = Funnel.of(self.name, 0, frame)
+            self.kept += part.rows_out
+            for r, c in part.reasons.items():
+                self.reasons[r] = self.reasons.get(r, 0) + c
+            for k, v in (self.metrics(frame) if self.metrics else {}).items():
+                self.totals[k] = self.totals.get(k, 0.0) + float(v)
+            self.parts += 1
+            log.info("step %s: part %d written (%d rows, %d kept so far)", self.name, self.parts, len(frame), self.kept)
+            yield frame
+
+    def meta(self, rows_in: int, final: Callable[[dict[str, float]], dict[str, float]] | None) -> dict:
+        funnel = Funnel(step=self.name, rows_in=rows_in, rows_out=self.kept, reasons=self.reasons)
+        values = {**self.totals, **(final(self.totals) if final else {})}
+        return {"funnel": funnel.model_dump(), "metrics": values}
 
 
 @dataclass

@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import posixpath
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import fsspec
 import pandas as pd
@@ -85,9 +85,10 @@ class Store:
         key: str,
         schema=None,
         upstream: Sequence[str] = (),
-        meta: dict | None = None,
+        meta: dict | Callable[[], dict] | None = None,
     ) -> Manifest:
-        """Validate and write one step output (a frame, or an iterable of frames written as parts)."""
+        """Validate and write one step output (a frame, or an iterable of frames written as parts, one at a
+        time). ``meta`` may be a callable, evaluated after the last part (e.g. counts gathered while streaming)."""
         d = self._dir(run, step, key)
         if self.fs.exists(d):  # leftovers of a killed write: start clean
             self.fs.rm(d, recursive=True)
@@ -102,7 +103,10 @@ class Store:
                 frame = validate(frame, schema, step, part=i)
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if arrow_schema is None:
-                arrow_schema = table.schema
+                # an all-null column of the first part must not fix the type to null for later parts
+                arrow_schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema],
+                                         metadata=table.schema.metadata)
+                table = table.cast(arrow_schema)
                 columns = {f.name: str(f.type) for f in table.schema}
             elif table.schema != arrow_schema:
                 table = table.cast(arrow_schema)
@@ -120,7 +124,7 @@ class Store:
         manifest = Manifest(
             run=run, step=step, key=key, uri=self.uri(run, step, key), rows=rows, digest=digest,
             columns=columns, files=files, upstream=list(upstream), code_version=code_version(),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {},
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=(meta() if callable(meta) else meta) or {},
         )
         with self.fs.open(posixpath.join(d, MANIFEST), "w") as f:  # last: marks the step done
             f.write(manifest.model_dump_json(indent=2))

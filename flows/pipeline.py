@@ -1,9 +1,11 @@
-"""The whole AutoIF pipeline: the main job ``autoif run`` starts."""
+"""The whole AutoIF pipeline: the main job ``autoif run`` starts, and the entry point of deployments."""
 from __future__ import annotations
+
+import datetime as dt
 
 from prefect import flow
 
-from autoif.config import RunConfig
+from autoif.config import RunConfig, load_config
 from autoif.flows.instructions import build_instructions
 from autoif.store import StepRef
 
@@ -14,3 +16,16 @@ def autoif_pipeline(cfg: RunConfig, flow: str = "all") -> dict[str, StepRef]:
     refs: dict[str, StepRef] = {}
     refs.update(build_instructions(cfg))
     return refs
+
+
+@flow(name="autoif-scheduled", log_prints=True)
+def scheduled_pipeline(
+    config_path: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    run_name_template: str = "{run_name}-{date}",
+) -> dict[str, StepRef]:
+    """Deployment entry point: load the config file, name the run by date so each schedule makes fresh data."""
+    cfg = load_config(config_path, preset, overrides or [])
+    name = run_name_template.format(run_name=cfg.run_name, date=dt.date.today().isoformat())
+    return autoif_pipeline(cfg.model_copy(update={"run_name": name}))

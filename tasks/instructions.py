@@ -7,6 +7,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from autoif.config import RunConfig, SelfInstructConfig
@@ -84,15 +85,17 @@ def load_seeds(cfg: RunConfig) -> pd.DataFrame:
 
 
 _LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.*\S)\s*$")
+_WRAP = re.compile(r"^(?:\*\*|__|[`\"'“”‘’])+|(?:\*\*|__|[`\"'“”‘’])+$")
 
 
 def parse_instruction_lines(text: str) -> list[str]:
-    """Lines that start with '- ' (also '* ', '1. ' which models use anyway); other lines are chatter."""
+    """Lines that start with '- ' (also '* ', '1. ' which models use anyway); other lines are chatter.
+    Each is normalised: whitespace collapsed, wrapping quotes, backticks and markdown bold removed."""
     out = []
     for line in text.splitlines():
         m = _LINE.match(line)
         if m:
-            out.append(m.group(1).strip().strip('"').strip())
+            out.append(_WRAP.sub("", re.sub(r"\s+", " ", m.group(1))).strip())
     return out
 
 
@@ -104,33 +107,99 @@ def junk_reason(text: str, cfg: SelfInstructConfig) -> str | None:
     if len(text) > cfg.max_chars:
         return "too_long"
     letters = [c for c in text if c.isalpha()]
-    if not letters or sum(c.isascii() for c in letters) / len(letters) < 0.9:
+    if not letters or sum(c.isascii() for c in letters) / len(letters) < cfg.min_english_ratio:
         return "non_english"
     return None
 
 
-@step("self_instruct", schema=Instructions, config="self_instruct", uses_llm=True)
+_PRIME = (1 << 31) - 1  # hashes and MinHash permutations live below it, so a * x + b fits in uint64
+
+
+def shingles(text: str, k: int) -> frozenset[str]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if len(words) <= k:
+        return frozenset([" ".join(words)])
+    return frozenset(" ".join(words[i : i + k]) for i in range(len(words) - k + 1))
+
+
+class NearDuplicateIndex:
+    """Near-duplicate lookup by Jaccard similarity of word shingles: MinHash signatures bucketed by LSH
+    bands find candidates cheaply; each candidate is then checked with the exact Jaccard similarity."""
+
+    def __init__(self, threshold: float, shingle_words: int, perms: int, bands: int, seed: int = 0) -> None:
+        if perms % bands:
+            raise ValueError(f"minhash_perms={perms} must be a multiple of minhash_bands={bands}")
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, _PRIME, perms, dtype=np.uint64)[:, None]
+        self.b = rng.integers(0, _PRIME, perms, dtype=np.uint64)[:, None]
+        self.threshold, self.k, self.rows = threshold, shingle_words, perms // bands
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+        self.sets: list[frozenset[str]] = []
+        self.ids: list[str] = []
+
+    def _bands(self, sh: frozenset[str]) -> list[bytes]:
+        x = np.fromiter((int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % _PRIME for s in sh),
+                        dtype=np.uint64, count=len(sh))
+        sig = ((self.a * x[None, :] + self.b) % _PRIME).min(axis=1)
+        return [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(len(self.buckets))]
+
+    def match_or_add(self, key: str, text: str) -> str | None:
+        """The key of an indexed near-duplicate of ``text``; None (and ``text`` is indexed) when there is none."""
+        sh = shingles(text, self.k)
+        bands = self._bands(sh)
+        seen: set[int] = set()
+        for table, band in zip(self.buckets, bands):
+            for j in table.get(band, ()):
+                if j not in seen:
+                    seen.add(j)
+                    other = self.sets[j]
+                    if len(sh & other) / len(sh | other) >= self.threshold:
+                        return self.ids[j]
+        n = len(self.sets)
+        self.sets.append(sh)
+        self.ids.append(key)
+        for table, band in zip(self.buckets, bands):
+            table.setdefault(band, []).append(n)
+        return None
+
+
+def _family_counts(df: pd.DataFrame) -> dict[str, float]:
+    """Per seed family: rows in this output and rows kept (additive, so they sum over parts)."""
+    out: dict[str, float] = {}
+    for fam, g in df.groupby("family"):
+        out[f"family.{fam}.rows"] = float(len(g))
+        out[f"family.{fam}.kept"] = float(g["reason"].isna().sum())
+    return out
+
+
+@step("self_instruct", schema=Instructions, config="self_instruct", uses_llm=True, metrics=_family_counts)
 def self_instruct(seeds: pd.DataFrame, llm: LLM, cfg: SelfInstructConfig, seed: int) -> pd.DataFrame:
-    """K sampled calls of the all-seeds prompt; parse, filter, dedup against seeds and each other."""
+    """K sampled calls of the all-seeds prompt; parse, filter, dedup (exact, then near-duplicate) against the
+    seeds and each other. Every line the model wrote is a row; dropped ones say why."""
     prompt = SELF_INSTRUCT_PROMPT.format(seeds="\n".join(f"- {s}" for s in seeds["instruction"]))
-    rows = [
-        {"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family, "source": "seed", "reason": None}
-        for r in seeds.itertuples()
-    ]
+    near = NearDuplicateIndex(cfg.near_duplicate_threshold, cfg.shingle_words, cfg.minhash_perms, cfg.minhash_bands, seed)
+    rows = []
+    for r in seeds.itertuples():
+        near.match_or_add(r.instruction_id, r.instruction)  # seeds are the reference set, never dropped here
+        rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
+                     "source": "seed", "duplicate_of": None, "reason": None})
     seen = set(seeds["instruction_id"])
     completions = llm.generate([prompt], n=cfg.n_calls, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)[0] if cfg.n_calls else []
     for k, completion in enumerate(completions):
         lines = parse_instruction_lines(completion)
         if not lines:
-            rows.append({"instruction_id": f"call{k}-empty", "instruction": completion[:300], "family": "augmented",
-                         "source": "self_instruct", "reason": "no_instruction_lines"})
+            rows.append({"instruction_id": f"call{k}-empty", "instruction": completion[: cfg.max_chars], "family": "augmented",
+                         "source": "self_instruct", "duplicate_of": None, "reason": "no_instruction_lines"})
         for j, text in enumerate(lines):
             iid = instruction_id(text)
-            reason = junk_reason(text, cfg)
+            reason, dup = junk_reason(text, cfg), None
             if reason is None and iid in seen:
-                reason = "duplicate"
-            rows.append({"instruction_id": iid if reason is None else f"call{k}-{j}-{iid}", "instruction": text,
-                         "family": "augmented", "source": "self_instruct", "reason": reason})
+                reason, dup = "duplicate", iid
+            if reason is None:
+                dup = near.match_or_add(iid, text)
+                reason = "near_duplicate" if dup is not None else None
+            rows.append({"instruction_id": iid if reason is None else f"call{k}-{j}-{iid}", "instruction": text if reason != "too_long" else text[: cfg.max_chars],
+                         "family": "augmented", "source": "self_instruct", "duplicate_of": dup, "reason": reason})
             if reason is None:
                 seen.add(iid)
-    return pd.DataFrame(rows, columns=["instruction_id", "instruction", "family", "source", "reason"])
+    return pd.DataFrame(rows, columns=["instruction_id", "instruction", "family", "source", "duplicate_of", "reason"])

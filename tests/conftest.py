@@ -80,3 +80,39 @@ def s3_server():
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="autoif-test")
     yield url
     server.stop()
+
+
+def start_service(cmd: list[str], health_url: str, log_path: Path, env: dict | None = None, timeout: float = 180):
+    """Start a real server process on loopback and wait until health_url answers 200; returns the Popen."""
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_service(proc)
+    raise TimeoutError(f"{cmd[0]} not healthy at {health_url} after {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+def stop_service(proc) -> None:
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

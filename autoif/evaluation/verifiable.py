@@ -9,9 +9,9 @@ response fails. The reference checker classes themselves are used (:mod:`.refere
 Differences from the reference are additions, never changes of a verdict the reference gives:
 - a checker that raises is recorded in ``error`` and counts as not followed (the reference crashes);
 - a checker that needs NLTK data nobody installed (IFBench's ``words:start_verb`` needs
-  ``averaged_perceptron_tagger_eng``) is *unscored*: its verdicts are null, it is left out of the
-  instruction-level denominators and its prompt out of the prompt-level ones, and counted in
-  ``n_unscored_instructions``.
+  ``averaged_perceptron_tagger_eng``) is *unscored*: its verdicts are null, and its prompt (all of its
+  instructions) is left out of the four numbers and the per-type table, exactly as if the reference
+  had been run on the prompts it can score; ``n_unscored_prompts`` counts them.
 
 Outputs are frames: one row per (prompt, instruction) from :func:`score_instructions`, then
 :func:`prompt_table`, :func:`metrics` and :func:`per_type_table` derived from it.
@@ -184,10 +184,15 @@ def prompt_table(instructions: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _in_scored_prompts(instructions: pd.DataFrame) -> pd.Series:
+    unscored_keys = set(instructions.loc[instructions["strict"].isna(), "key"])
+    return ~instructions["key"].isin(unscored_keys)
+
+
 def metrics(instructions: pd.DataFrame) -> dict[str, float]:
-    """The four IFEval numbers plus counts, over scored prompts and instructions."""
+    """The four IFEval numbers plus counts, over the prompts whose instructions could all be scored."""
     prompts = prompt_table(instructions)
-    scored_i = instructions["strict"].notna()
+    scored_i = _in_scored_prompts(instructions)
     scored_p = prompts["strict"].notna()
 
     def mean(s: pd.Series) -> float:
@@ -200,7 +205,7 @@ def metrics(instructions: pd.DataFrame) -> dict[str, float]:
         "inst_level_loose_acc": mean(instructions.loc[scored_i, "loose"]),
         "n_prompts": float(len(prompts)),
         "n_instructions": float(len(instructions)),
-        "n_unscored_instructions": float((~scored_i).sum()),
+        "n_unscored_instructions": float(instructions["strict"].isna().sum()),
         "n_unscored_prompts": float((~scored_p).sum()),
         "n_checker_errors": float((instructions["error"].notna() & scored_i).sum()),
         "n_empty_responses": float((prompts["response"].str.strip() == "").sum()),
@@ -208,8 +213,8 @@ def metrics(instructions: pd.DataFrame) -> dict[str, float]:
 
 
 def per_type_table(instructions: pd.DataFrame, level: str = "instruction_id") -> pd.DataFrame:
-    """Accuracy per instruction type (``instruction_id``) or per group (``instruction_group``)."""
-    scored = instructions[instructions["strict"].notna()]
+    """Accuracy per instruction type (``instruction_id``) or group (``instruction_group``), scored prompts only."""
+    scored = instructions[_in_scored_prompts(instructions)]
     t = scored.groupby(level).agg(
         n=("strict", "size"),
         strict_acc=("strict", lambda s: float(s.astype(bool).mean())),

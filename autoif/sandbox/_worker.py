@@ -297,6 +297,15 @@ def _kill_descendants(libc_prctl_ok: bool) -> None:
         time.sleep(0.001)
 
 
+def _fork_retry() -> int:
+    for attempt in range(200):  # RLIMIT_NPROC is shared by every process of the uid: wait a bit
+        try:
+            return os.fork()
+        except BlockingIOError:
+            time.sleep(0.01)
+    return os.fork()
+
+
 def zygote(cfg: dict) -> None:
     import gc
     import mmap
@@ -394,7 +403,7 @@ def zygote(cfg: dict) -> None:
         frame = _read_exact(0, n)
         if frame is None:
             os._exit(0)
-        pid = os.fork()
+        pid = _fork_retry()
         if pid == 0:
             try:
                 _child(frame, cfg, sfilter, safe_builtins, progress, libc, zygote_pid, detail_chars, timeout_s)
@@ -476,6 +485,9 @@ def _child(frame, cfg, sfilter, safe_builtins, progress, libc, zygote_pid, detai
     now = time.perf_counter
     last_flush = now()
     flush_every = float(cfg["flush_interval_s"])
+    # keep every result line well under the parent's per-message cap
+    max_pending = max(1, int(cfg["max_output_chars"]) // 4)
+    pending = 0
     for k in range(n):
         inp = inputs[k]
         inputs[k] = None  # the list only ever holds inputs not yet evaluated
@@ -484,7 +496,9 @@ def _child(frame, cfg, sfilter, safe_builtins, progress, libc, zygote_pid, detai
             v = fn(inp)
         except BaseException as exc:  # noqa: BLE001 - every exception is an `error` outcome
             codes.append(ERROR)
-            details[str(k)] = describe_exception(exc, detail_chars)
+            d = describe_exception(exc, detail_chars)
+            details[str(k)] = d
+            pending += len(d) + 16
         else:
             t = type(v)
             if t is bool:
@@ -494,11 +508,14 @@ def _child(frame, cfg, sfilter, safe_builtins, progress, libc, zygote_pid, detai
                 codes.append(c)
                 if d:
                     details[str(k)] = d
+                    pending += len(d) + 16
         del inp
-        if now() - last_flush > flush_every:
+        pending += 1
+        if pending > max_pending or now() - last_flush > flush_every:
             emit({"s": start, "o": "".join(codes), "d": details})
             start += len(codes)
             codes, details = [], {}
+            pending = 0
             last_flush = now()
     set_progress(progress, 0, n)
     emit({"s": start, "o": "".join(codes), "d": details, "end": n})

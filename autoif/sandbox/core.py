@@ -727,27 +727,20 @@ class Sandbox:
         self._safe_builtins = None
         if self.isolation is not Isolation.none:
             self._workers = [_Worker(self, i) for i in range(self.workers)]
+            # Each worker is started (and restarted) by its own long-lived thread: bubblewrap's
+            # --die-with-parent and PR_SET_PDEATHSIG fire when the *thread* that forked them exits.
+            ready = [threading.Event() for _ in self._workers]
             errors: list[BaseException] = []
-
-            def start(w: _Worker) -> None:
-                try:
-                    w.start()
-                except BaseException as exc:  # noqa: BLE001 - re-raised below
-                    errors.append(exc)
-
-            starters = [threading.Thread(target=start, args=(w,)) for w in self._workers]
-            for t in starters:
-                t.start()
-            for t in starters:
-                t.join()
-            if errors:
-                for w in self._workers:
-                    w.kill()
-                raise errors[0]
-            for w in self._workers:
-                t = threading.Thread(target=self._loop, args=(w,), name=f"autoif-sandbox-{w.slot}", daemon=True)
+            for w, ev in zip(self._workers, ready):
+                t = threading.Thread(target=self._loop, args=(w, ev, errors), name=f"autoif-sandbox-{w.slot}",
+                                     daemon=True)
                 t.start()
                 self._threads.append(t)
+            for ev in ready:
+                ev.wait()
+            if errors:
+                self.close()
+                raise errors[0]
 
     # -- context manager
     def __enter__(self) -> "Sandbox":
@@ -779,7 +772,8 @@ class Sandbox:
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
-            t.join(timeout=30)
+            if t is not threading.current_thread():
+                t.join(timeout=30)
         for w in self._workers:
             w.close()
 
@@ -788,7 +782,14 @@ class Sandbox:
         return self._closed
 
     # -- work
-    def _loop(self, w: _Worker) -> None:
+    def _loop(self, w: _Worker, ready: threading.Event, errors: list) -> None:
+        try:
+            w.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by __init__
+            errors.append(exc)
+            return
+        finally:
+            ready.set()
         while True:
             job = self._queue.get()
             if job is None:

@@ -1,0 +1,38 @@
+"""Step 12: evaluate a model on IFEval, IFBench or FollowBench.
+
+load the benchmark -> answer it (the configured engine, or a responses file) -> score it with the reference
+checkers -> publish metrics, per-type tables and the responses on the run's MLflow run, linked to the
+evaluated model's run. The full pipeline calls this flow for the base model and for each trained policy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from autoif.config import EngineConfig, RunConfig
+from autoif.evaluation.data import Benchmark
+from autoif.steps import pipeline
+from autoif.tasks.evaluate import EvalSpec, evaluation_steps, publish_evaluation
+
+
+@flow(name="autoif-evaluate", flow_run_name="{cfg.run_name}-eval-{benchmark}", log_prints=True)
+def evaluate(
+    cfg: RunConfig,
+    benchmark: Benchmark = Benchmark.ifeval,
+    responses_path: str | None = None,
+    model_run_id: str | None = None,
+    limit: int | None = None,
+    judge: EngineConfig | None = None,
+) -> dict[str, Any]:
+    """Returns the step outputs (``prompts``, ``responses``, ``scores``), ``metrics`` and ``mlflow_run_id``."""
+    spec = EvalSpec(Benchmark(benchmark), responses_path=responses_path, limit=limit, judge=judge)
+    steps = evaluation_steps(spec)
+    with pipeline(cfg, f"eval-{spec.benchmark.value}") as ctx:
+        prompts = steps.prompts()
+        responses = steps.responses(prompts=prompts)
+        scores = steps.scores(prompts=prompts, responses=responses)
+        metrics = publish_evaluation(ctx, spec, scores, responses, model_run_id)
+        print(f"{spec.benchmark.value}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("acc") or k.startswith(("hsr", "ssr", "csl"))))
+        return {"prompts": prompts, "responses": responses, "scores": scores, "metrics": metrics,
+                "mlflow_run_id": ctx.parent_run_id}
