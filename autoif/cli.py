@@ -36,7 +36,8 @@ def _config(config: Optional[Path], preset: Optional[PresetOption], overrides: l
 
 def _embedded_defaults() -> None:
     """The embedded default: ephemeral Prefect with state under .autoif/, quiet telemetry."""
-    os.environ.setdefault("PREFECT_HOME", str(Path(".autoif/prefect").resolve()))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".autoif/prefect").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")

@@ -151,6 +151,7 @@ class BackTranslationConfig(_Model):
     mode: NLIMode = NLIMode.llm_judge
     nli_model: str | None = None  # local path or id of an NLI classifier (paper: mDeBERTa-v3-base xnli)
     contradiction_label: str = "contradiction"
+    use_json_schema: bool = True  # constrained decoding of back-translations and judge labels
     nli_batch_size: int = Field(32, ge=1)  # (premise, hypothesis) pairs per classifier forward pass
     batch_size: int = Field(256, ge=1)  # instructions per LLM batch / output part
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from autoif.config import RunConfig
 from autoif.store import Manifest, StepRef, Store
-from autoif.tracking import Funnel, Tracker, funnel_markdown
+from autoif.tracking import Funnel, Tracker, funnel_markdown, log_funnel_plot
 
 log = logging.getLogger("autoif")
 
@@ -106,8 +106,26 @@ def pipeline(cfg: RunConfig, flow_name: str, llm=None) -> Iterator[RunContext]:
         tracker.client.log_batch(parent, metrics=[Metric(k, v, 0, 0) for k, v in usage.items()])
         if ctx.funnels:
             tracker.client.log_text(parent, funnel_markdown(ctx.funnels), "funnel.md")
-            _artifact_markdown(f"{flow_name}-funnel", funnel_markdown(ctx.funnels), f"AutoIF funnel of run {cfg.run_name}")
+            log_funnel_plot(tracker.client, parent, ctx.funnels)
+            _artifact_markdown(f"{cfg.run_name}-{flow_name}-funnel", funnel_markdown(ctx.funnels), f"AutoIF funnel of run {cfg.run_name}")
         tracker.end_run(parent, status)
+
+
+def log_survival(first: StepRef, last: StepRef, group: str = "family") -> dict[str, float]:
+    """Survival per group (e.g. seed family) from ``first`` to ``last``, on the flow's MLflow run as
+    ``survival.<group>.<value>``. Reads the ``<group>.<value>.kept`` counts the two steps logged; no data."""
+    from mlflow.entities import Metric
+
+    ctx = current()
+    counts = [(ctx.store.manifest(r.run, r.step, r.key).meta.get("metrics") or {}) for r in (first, last)]
+    head, tail = f"{group}.", ".kept"
+    values = {
+        f"survival.{k[len(head):-len(tail)]}": counts[1].get(k, 0.0) / v
+        for k, v in counts[0].items() if k.startswith(head) and k.endswith(tail) and v > 0
+    }
+    if values:
+        ctx.tracker.client.log_batch(ctx.parent_run_id, metrics=[Metric(k, v, 0, 0) for k, v in values.items()])
+    return values
 
 
 def _hash(obj: Any) -> str:
@@ -137,6 +155,7 @@ def step(
     config: str | None = None,
     uses_llm: bool = False,
     key_extra: Callable[[RunConfig], Any] | None = None,
+    key_fields: tuple[str, ...] | None = None,
     metrics: Callable[[pd.DataFrame], dict[str, float]] | None = None,
     metrics_final: Callable[[dict[str, float]], dict[str, float]] | None = None,
     stream: tuple[str, ...] = (),
@@ -151,7 +170,8 @@ def step(
     as it comes, so memory holds one batch, not the whole step. For an iterator output ``metrics`` is called
     per part and must return additive values (counts, sums, histogram bins); the wrapper sums them and
     ``metrics_final`` (optional) derives ratios from the totals. ``funnel_input`` names the input whose rows
-    count as the funnel's ``rows_in`` (default: all inputs)."""
+    count as the funnel's ``rows_in`` (default: all inputs). ``key_fields`` limits the config fields in the
+    cache key to those the step reads, when it shares a config section with another step."""
     from prefect import task
     from prefect.cache_policies import NONE
 
@@ -165,7 +185,8 @@ def step(
             return _hash({
                 "step": name,
                 "source": source,
-                "config": section.model_dump(mode="json") if isinstance(section, BaseModel) else None,
+                "config": section.model_dump(mode="json", include=set(key_fields) if key_fields else None)
+                if isinstance(section, BaseModel) else None,
                 "inputs": {k: r.digest for k, r in sorted(inputs.items())},
                 "llm": ctx.llm_identity() if uses_llm else None,
                 "extra": key_extra(ctx.cfg) if key_extra else None,

@@ -141,3 +141,43 @@ def funnel_markdown(funnels: list[Funnel]) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(f.reasons.items(), key=lambda kv: -kv[1])) or "-"
         lines.append(f"| {f.step} | {f.rows_in} | {f.rows_out} | {f.dropped} | {reasons} |")
     return "\n".join(lines)
+
+
+def funnel_figure(funnels: list[Funnel]):
+    """Bars per step: rows in, kept, and dropped stacked by reason (the picture of where data is lost)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = [f.step for f in funnels]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(funnels) + 1.5))
+    y = list(range(len(funnels)))[::-1]
+    ax.barh([v + 0.2 for v in y], [f.rows_in for f in funnels], height=0.4, color="#bbbbbb", label="rows in")
+    ax.barh([v - 0.2 for v in y], [f.rows_out for f in funnels], height=0.4, color="#2a7f62", label="kept")
+    left = [f.rows_out for f in funnels]
+    reasons = sorted({r for f in funnels for r in f.reasons})
+    cmap = plt.get_cmap("tab20")
+    for k, reason in enumerate(reasons):
+        widths = [f.reasons.get(reason, 0) for f in funnels]
+        ax.barh([v - 0.2 for v in y], widths, left=left, height=0.4, color=cmap(k % 20), label=f"dropped: {reason}")
+        left = [a + b for a, b in zip(left, widths)]
+    for v, f in zip(y, funnels):
+        ax.text(f.rows_out, v - 0.2, f" {f.rows_out}", va="center", fontsize=8)
+    ax.set_yticks(y, names)
+    ax.set_xlabel("rows (unit per step: instructions, completions or instructions again)")
+    ax.set_title("AutoIF funnel")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def log_funnel_plot(client, run_id: str, funnels: list[Funnel], name: str = "funnel.png") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = funnel_figure(funnels)
+    try:
+        client.log_figure(run_id, fig, name)
+    finally:
+        plt.close(fig)
+

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoif.sandbox import Isolation, Outcome, Sandbox  # noqa: E402
+from autoif.sandbox import Sandbox  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- functions
 _TEMPLATES = [
@@ -181,6 +181,33 @@ def bench_per_call(funcs: list[str], responses: list[str], sample: int, seed: in
     return sample / (time.perf_counter() - t0)
 
 
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (the bwrap process, the zygote inside it)."""
+    out = [pid]
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as fh:
+                for c in fh.read().split():
+                    out += _tree(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds used by these processes and their reaped children (the per-job forks)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    tot = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                st = fh.read().rsplit(")", 1)[1].split()
+            tot += sum(int(x) for x in st[11:15])
+        except OSError:
+            pass
+    return tot / tck
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--funcs", type=int, default=200)
@@ -203,14 +230,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(a) in-process exec, 1 core:         {a:10.0f} evals/s", flush=True)
 
     t0 = time.perf_counter()
+    cpu_a = time.process_time()
+    bench_inprocess(funcs, responses)
+    cpu_a = (time.process_time() - cpu_a) / n  # CPU seconds per eval, in-process
+
     with Sandbox() as sb:
         startup = time.perf_counter() - t0
         sb.run(funcs[:4], responses[:50])  # warm-up
         b_runs = []
+        pids = [q for p in sb.worker_pids for q in _tree(p)]
+        c0, p0 = _cpu(pids), time.process_time()
         for _ in range(args.repeat):
             t0 = time.perf_counter()
             res = sb.run(funcs, responses)
             b_runs.append(n / (time.perf_counter() - t0))
+        cpu_b = (_cpu(pids) - c0 + time.process_time() - p0) / (n * args.repeat)
         mode, workers = sb.isolation.value, sb.workers
     b = max(b_runs)
     got = [r.value for r in res]
@@ -228,7 +262,13 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": workers, "a_evals_per_s": a, "b_evals_per_s": b, "c_evals_per_s": c,
         "b_over_a": b / a, "b_over_c": b / c, "agreement": agree, "a_runs": a_runs, "b_runs": b_runs,
     }
+    ncpu = os.cpu_count() or 1
+    projected = ncpu * cpu_a / cpu_b
+    fig.update(cpu_us_per_eval_a=cpu_a * 1e6, cpu_us_per_eval_b=cpu_b * 1e6, b_over_a_cpu_projected=projected,
+               loadavg=os.getloadavg())
     print(f"b/a = {b / a:.2f}  (target >= 1.0 on 2 cores)")
+    print(f"    CPU per eval: (a) {cpu_a * 1e6:.1f} us, (b) {cpu_b * 1e6:.1f} us (parent + workers); "
+          f"b/a projected for {ncpu} idle cores = {projected:.2f}; load average now {os.getloadavg()[0]:.1f}")
     print(f"b/c = {b / c:.0f}  (target >= 100)")
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2))

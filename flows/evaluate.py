@@ -19,7 +19,7 @@ from autoif.tasks.evaluate import EvalSpec, evaluation_steps, publish_evaluation
 @flow(name="autoif-evaluate", flow_run_name="{cfg.run_name}-eval-{benchmark}", log_prints=True)
 def evaluate(
     cfg: RunConfig,
-    benchmark: Benchmark = Benchmark.ifeval,
+    benchmark: str = "ifeval",
     responses_path: str | None = None,
     model_run_id: str | None = None,
     limit: int | None = None,

@@ -7,7 +7,7 @@
 # cached wheel and returns at once. The wheel is CPU-only and portable (GGML_NATIVE=OFF).
 #
 # Env: AUTOIF_CACHE (default ~/.cache/autoif), AUTOIF_PYTHON (the interpreter whose ABI the
-# wheel targets; default /work/main/.venv/bin/python, else python3),
+# wheel is built with; default /work/main/.venv/bin/python, else python3),
 # LLAMACPP_VERSION (default 0.3.36).
 set -euo pipefail
 
@@ -25,9 +25,8 @@ else
 fi
 mkdir -p "$WHEELS"
 
-pytag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 find_wheel() {
-  ls -1 "$WHEELS"/llama_cpp_python-"$VERSION"-"$pytag"-*.whl 2>/dev/null | head -n1 || true
+  ls -1 "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n1 || true
 }
 
 whl="$(find_wheel)"

@@ -11,7 +11,7 @@
 # Env: AUTOIF_CACHE (default ~/.cache/autoif), AUTOIF_PYTHON (python env to run in; default
 #      /work/main/.venv/bin/python, i.e. <repo>/.venv), AUTOIF_LLAMACPP_PORT (default 8081),
 #      AUTOIF_LLAMACPP_MODEL (a GGUF to serve instead), AUTOIF_LLAMACPP_ARGS (extra server args),
-#      AUTOIF_SERVER_TIMEOUT (seconds, default 300).
+#      AUTOIF_SERVER_TIMEOUT (seconds, default 300), AUTOIF_RUN_DIR (pid file + log; default $AUTOIF_CACHE/run).
 set -euo pipefail
 
 CACHE="${AUTOIF_CACHE:-$HOME/.cache/autoif}"
@@ -21,7 +21,7 @@ REPO="$(dirname "$HERE")"
 PY="${AUTOIF_PYTHON:-$REPO/.venv/bin/python}"
 PORT="${AUTOIF_LLAMACPP_PORT:-8081}"
 HOST=127.0.0.1
-RUN="$CACHE/run"
+RUN="${AUTOIF_RUN_DIR:-$CACHE/run}"  # pid files and logs
 PIDFILE="$RUN/llamacpp-$PORT.pid"
 LOG="$RUN/llamacpp-$PORT.log"
 TIMEOUT="${AUTOIF_SERVER_TIMEOUT:-300}"

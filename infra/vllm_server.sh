@@ -11,7 +11,8 @@
 # Env: AUTOIF_CACHE (default ~/.cache/autoif), AUTOIF_VLLM_PORT (default 8082),
 #      AUTOIF_VLLM_MODEL (a model dir to serve instead of the tiny Qwen2),
 #      AUTOIF_VLLM_ARGS (extra server args), AUTOIF_SERVER_TIMEOUT (seconds, default 600),
-#      AUTOIF_PYTHON (project interpreter used to build the tiny model).
+#      AUTOIF_PYTHON (project interpreter used to build the tiny model),
+#      AUTOIF_RUN_DIR (pid file + log; default $AUTOIF_CACHE/run).
 # vLLM cannot share the project's environment (see shared/STACK.md): it lives in its own venv.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ VENV="$CACHE/vllm-venv"
 VLLM_VERSION="${AUTOIF_VLLM_VERSION:-0.32.0}"
 PORT="${AUTOIF_VLLM_PORT:-8082}"
 HOST=127.0.0.1
-RUN="$CACHE/run"
+RUN="${AUTOIF_RUN_DIR:-$CACHE/run}"  # pid files and logs
 PIDFILE="$RUN/vllm-$PORT.pid"
 LOG="$RUN/vllm-$PORT.log"
 TIMEOUT="${AUTOIF_SERVER_TIMEOUT:-600}"
@@ -91,7 +92,7 @@ do_start() {
       --model "$MODEL_DIR" --served-model-name "$SERVED_NAME" \
       --host "$HOST" --port "$PORT" \
       --dtype float32 --max-model-len 1024 --max-num-seqs 16 --seed 0 \
-      --structured-outputs-config '{"disable_any_whitespace": true}' \
+      --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}' \
       ${AUTOIF_VLLM_ARGS:-} >"$LOG" 2>&1 < /dev/null &
   echo $! >"$PIDFILE"
   local start=$(date +%s)

@@ -102,16 +102,39 @@ def benchmark_items(benchmark: Benchmark, path: Path, limit: int | None = None) 
 
 
 def generate_responses(prompts: pd.DataFrame, llm: Any, cfg: EvalConfig, seed: int, batch_size: int = 32) -> pd.DataFrame:
-    """One greedy (by default) response per item to answer, in batches so progress can be shown."""
+    """One greedy (by default) response per item to answer, in batches so progress can be shown.
+
+    A batch the engine rejects (e.g. a prompt longer than the model's context: HTTP 400) is retried prompt
+    by prompt; a prompt that still fails keeps a dropped row (``reason`` = ``generation_failed``, the error
+    in ``error``) and is scored as an empty response, so the benchmark's denominators stay whole.
+    """
+    from autoif.llm.openai_http import LLMError
+
     todo = prompts[prompts["to_answer"]].reset_index(drop=True)
     responses: list[str] = []
+    errors: list[str | None] = []
+
+    def ask(batch: list[str]) -> list[str]:
+        outs = llm.generate(batch, n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
+        return [o[0] if o else "" for o in outs]
+
     for start in range(0, len(todo), batch_size):
         batch = todo["prompt"].iloc[start : start + batch_size].tolist()
-        outs = llm.generate(batch, n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
-        responses.extend(o[0] if o else "" for o in outs)
+        try:
+            responses.extend(ask(batch))
+            errors.extend([None] * len(batch))
+        except (LLMError, ValueError):
+            for prompt in batch:
+                try:
+                    responses.extend(ask([prompt]))
+                    errors.append(None)
+                except (LLMError, ValueError) as e:
+                    responses.append("")
+                    errors.append(f"{type(e).__name__}: {e}"[:500])
         _progress("generate", len(responses), len(todo))
     return pd.DataFrame({"item_id": todo["item_id"], "prompt": todo["prompt"], "response": responses,
-                         "source": "engine", "reason": None})
+                         "source": "engine", "error": errors,
+                         "reason": [None if e is None else "generation_failed" for e in errors]})
 
 
 def responses_from_file(prompts: pd.DataFrame, path: Path) -> pd.DataFrame:

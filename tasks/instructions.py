@@ -163,16 +163,17 @@ class NearDuplicateIndex:
         return None
 
 
-def _family_counts(df: pd.DataFrame) -> dict[str, float]:
+def family_counts(df: pd.DataFrame) -> dict[str, float]:
     """Per seed family: rows in this output and rows kept (additive, so they sum over parts)."""
     out: dict[str, float] = {}
     for fam, g in df.groupby("family"):
-        out[f"family.{fam}.rows"] = float(len(g))
-        out[f"family.{fam}.kept"] = float(g["reason"].isna().sum())
+        fam = re.sub(r"[^\w\-]", "_", str(fam))  # a metric-name-safe family name
+        out[f"family.{fam}.rows"] = out.get(f"family.{fam}.rows", 0.0) + float(len(g))
+        out[f"family.{fam}.kept"] = out.get(f"family.{fam}.kept", 0.0) + float(g["reason"].isna().sum())
     return out
 
 
-@step("self_instruct", schema=Instructions, config="self_instruct", uses_llm=True, metrics=_family_counts)
+@step("self_instruct", schema=Instructions, config="self_instruct", uses_llm=True, metrics=family_counts)
 def self_instruct(seeds: pd.DataFrame, llm: LLM, cfg: SelfInstructConfig, seed: int) -> pd.DataFrame:
     """K sampled calls of the all-seeds prompt; parse, filter, dedup (exact, then near-duplicate) against the
     seeds and each other. Every line the model wrote is a row; dropped ones say why."""

@@ -122,3 +122,20 @@ def test_followbench_flow_with_judge(prefect_harness, make_cfg):
     assert m["hsr_level_1"] == pytest.approx(1 / 3) and m["ssr_level_5"] == pytest.approx(1 / 3)
     run = MlflowClient(cfg.tracking.tracking_uri).get_run(out["mlflow_run_id"])
     assert run.data.metrics["followbench.csl"] == pytest.approx(5 / 3)
+
+
+def test_generation_failures_are_kept_as_dropped_rows():
+    from autoif.config import EvalConfig
+    from autoif.tasks.evaluate import generate_responses
+
+    class Engine:  # rejects one prompt, as a server rejects a prompt longer than its context
+        def generate(self, prompts, n=1, temperature=0.0, max_tokens=512, seed=None, json_schema=None):
+            if "too long" in " ".join(prompts):
+                raise ValueError("prompt exceeds the context window")
+            return [[p.upper()] for p in prompts]
+
+    prompts = pd.DataFrame({"item_id": ["1", "2", "3"], "prompt": ["a", "too long", "c"], "to_answer": True})
+    out = generate_responses(prompts, Engine(), EvalConfig(), seed=0, batch_size=2)
+    assert out["response"].tolist() == ["A", "", "C"]
+    assert out["reason"].isna().tolist() == [True, False, True] and out["reason"].iloc[1] == "generation_failed"
+    assert "context window" in out["error"].iloc[1]

@@ -76,9 +76,9 @@ def test_prefect_artifacts_show_the_funnel(prefect_harness, make_cfg):
 
     async def fetch():
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["art-self-instruct", "instructions-funnel"])))
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["art-self-instruct", "art-instructions-funnel"])))
 
     arts = asyncio.run(fetch())
-    assert {a.key for a in arts} >= {"art-self-instruct", "instructions-funnel"}
-    md = next(a for a in arts if a.key == "instructions-funnel").data
+    assert {a.key for a in arts} >= {"art-self-instruct", "art-instructions-funnel"}
+    md = next(a for a in arts if a.key == "art-instructions-funnel").data
     assert "| self_instruct | 40 | 40 | 0 |" in md

@@ -6,7 +6,8 @@ With ``engine.model_path`` unset it runs the small Gemma 3 270M Q4_K_M GGUF that
 does not make good data (see ../shared/STACK.md).
 
 llama.cpp has no server-side ``n``: ``n`` completions are ``n`` calls, with seeds ``seed + i*n + j`` so a run is
-reproducible and the completions differ. ``json_schema`` becomes a llama.cpp grammar (constrained decoding).
+reproducible and the completions differ (each call starts from an empty context, so the same seed gives the
+same text whatever ran before). ``json_schema`` becomes a llama.cpp grammar (constrained decoding).
 One model load per instance; calls are serialized (a ``Llama`` object is not thread-safe).
 """
 from __future__ import annotations
@@ -115,6 +116,10 @@ class LlamaCppLLM:
         llama = self._model()
         kwargs: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed, "grammar": grammar}
         self.usage.requests += 1
+        # Forget the previous call's tokens: reusing a cached prefix evaluates the prompt in a different batch
+        # shape, which moves logits by rounding and can change a seeded sample. A fresh eval keeps a seed's
+        # output independent of what ran before (the prompt costs little next to the generation).
+        llama.reset()
         try:
             if self.chat:
                 resp = llama.create_chat_completion(messages=[{"role": "user", "content": prompt}], **kwargs)

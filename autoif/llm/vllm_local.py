@@ -67,7 +67,7 @@ class VLLMLocalLLM:
                 max_model_len=self.max_model_len,
                 dtype=self.dtype,
                 seed=self.engine_seed,
-                **({"structured_outputs_config": {"disable_any_whitespace": True}} if self.compact_json else {}),
+                **({"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}} if self.compact_json else {}),
                 **self.engine_kwargs,
             )
         return self._llm

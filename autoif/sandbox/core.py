@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import errno
 import fcntl
 import json
 import logging
@@ -42,7 +41,7 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from . import _worker
 
@@ -239,6 +238,16 @@ class _Batch:
                 if self.remaining == 0:
                     self.done.set()
 
+    def set_many(self, items: list[tuple[int, CallResult]]) -> None:
+        with self.lock:
+            res = self.results
+            for pos, r in items:
+                if res[pos] is None:
+                    res[pos] = r
+                    self.remaining -= 1
+            if self.remaining == 0:
+                self.done.set()
+
     def fail(self, exc: BaseException) -> None:
         with self.lock:
             if self.error is None:
@@ -259,8 +268,43 @@ class _WorkerDied(Exception):
     pass
 
 
+class _ProtocolViolation(Exception):
+    pass
+
+
+_PROGRESS = struct.Struct("<q")
+_FRAME = _worker.FRAME
+
+
+@dataclass(eq=False)
+class _Run:
+    """One attempt of a job on a worker: the calls still to settle and what came back so far."""
+
+    jid: int
+    job: _Job
+    todo: list[tuple[int, int]]
+    sent_at: float
+    got: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    compile_err: str | None = None
+    started: bool = False
+    last_prog: tuple[int, int] = (-1, -99)
+    last_change: float = 0.0
+    deadline: float = 0.0
+    timed_out_at: int | None = None
+    kill_sent_at: float | None = None
+    violation: str | None = None
+
+
 class _Worker:
-    """One pooled worker process (a zygote, optionally inside bubblewrap) and its pipes."""
+    """One pooled worker process (a zygote, inside bubblewrap when available) and its pipes.
+
+    Protocol (all plain JSON, never pickle): the parent writes frames ``>cII`` (type, job id,
+    length) + JSON ``{"src", "inputs"}`` on the worker's stdin, at most one job ahead of the one
+    running, and ``K`` frames to kill a running job. The zygote alone writes the worker's stdout:
+    JSON status lines (``ready``, ``start``, ``exit``, ``fatal``) and ``r <json>`` lines that relay
+    what the current child reported. A child only ever writes to its own private pipe, so it
+    cannot forge status or results of another job.
+    """
 
     def __init__(self, sb: "Sandbox", slot: int):
         self.sb = sb
@@ -269,16 +313,17 @@ class _Worker:
         self.progress: mmap.mmap | None = None
         self.info: dict = {}
         self.stderr_tail = b""
+        self.inflight: list[_Run] = []
+        self.wbuf: list[memoryview] = []
+        self.next_jid = 1
 
     # -- lifecycle
     def start(self) -> None:
         sb = self.sb
-        status_r, status_w = os.pipe()
         pfd = os.memfd_create("autoif-sandbox-progress", os.MFD_CLOEXEC)
         os.ftruncate(pfd, mmap.PAGESIZE)
         os.set_inheritable(pfd, True)
         cfg = {
-            "status_fd": status_w,
             "progress_fd": pfd,
             "allowed_modules": list(sb.allowed_modules),
             "seccomp": sb.isolation in (Isolation.bwrap_seccomp, Isolation.seccomp),
@@ -296,57 +341,72 @@ class _Worker:
             "parent_pid": os.getpid(),
             "in_bwrap": sb.isolation in (Isolation.bwrap_seccomp, Isolation.bwrap),
         }
-        py = sys.executable
-        argv = [py, "-I", "-B", str(WORKER_SCRIPT), json.dumps(cfg)]
+        argv = [sys.executable, "-I", "-B", str(WORKER_SCRIPT), json.dumps(cfg)]
         if cfg["in_bwrap"]:
             argv = _bwrap_argv(sb.bwrap_path, sb.tmp_bytes) + ["--"] + argv
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(status_w, pfd), env=env, cwd="/", start_new_session=True, close_fds=True,
+                pass_fds=(pfd,), env=env, cwd="/", start_new_session=True, close_fds=True,
             )
+            self.progress = mmap.mmap(pfd, mmap.PAGESIZE)
         finally:
-            os.close(status_w)
-        self.progress = mmap.mmap(pfd, mmap.PAGESIZE)
-        os.close(pfd)
-        self.status_fd = status_r
+            os.close(pfd)
         self.out_fd = self.proc.stdout.fileno()
         self.err_fd = self.proc.stderr.fileno()
         self.in_fd = self.proc.stdin.fileno()
-        for fd in (self.status_fd, self.out_fd, self.err_fd, self.in_fd):
+        for fd in (self.out_fd, self.err_fd, self.in_fd):
             os.set_blocking(fd, False)
         try:
             fcntl.fcntl(self.in_fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wakeups for big jobs
-            fcntl.fcntl(self.out_fd, 1031, 1 << 20)
         except OSError:
             pass
-        self.status_buf = bytearray()
-        self.out_buf = bytearray()
+        self.rbuf = bytearray()
+        self.wbuf = []
+        self.inflight = []
         deadline = time.monotonic() + sb.startup_timeout_s
-        while True:
-            msgs = self._pump(deadline - time.monotonic())
-            for m in msgs:
-                if m.get("t") == "ready":
-                    self.info = m
-                    if m.get("import_failures"):
-                        _warn_once("imports:" + ",".join(m["import_failures"]),
-                                   "autoif.sandbox: allowed modules that failed to import in the worker: "
-                                   + "; ".join(m["import_failures"]))
-                    return
-                if m.get("t") == "fatal":
-                    self.kill()
-                    raise SandboxError(f"sandbox worker failed to start: {m.get('error')}")
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self._drain_stderr()
-                err = self.stderr_tail.decode(errors="replace")[-2000:]
-                self.kill()
-                raise SandboxError(f"sandbox worker did not start (isolation={sb.isolation.value}): {err}")
+        try:
+            while True:
+                for m in self._pump(min(0.2, max(0.0, deadline - time.monotonic()))):
+                    if isinstance(m, dict) and m.get("t") == "ready":
+                        self.info = m
+                        if m.get("import_failures"):
+                            _warn_once("imports:" + ",".join(m["import_failures"]),
+                                       "autoif.sandbox: allowed modules that failed to import in the worker: "
+                                       + "; ".join(m["import_failures"]))
+                        return
+                    if isinstance(m, dict) and m.get("t") == "fatal":
+                        raise SandboxError(f"sandbox worker failed to start: {m.get('error')}")
+                if time.monotonic() > deadline:
+                    raise _WorkerDied("no ready message")
+        except (_WorkerDied, _ProtocolViolation) as exc:
+            self._drain_stderr()
+            err = self.stderr_tail.decode(errors="replace")[-2000:]
+            self.kill()
+            raise SandboxError(f"sandbox worker did not start (isolation={sb.isolation.value}): {exc}: {err}") from exc
+        except BaseException:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
+        # Innermost first: killing bwrap's pid-namespace init tears the namespace down and lets the
+        # outer bwrap reap it (the zygote reaps its job child in process mode); killing only the
+        # outer process would leave orphans for the host's init to reap.
+        kids = _children(proc.pid)
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0
+        while kids and time.monotonic() < deadline:
+            kids = [k for k in kids if _alive_child_of(k, proc.pid)]
+            if kids:
+                time.sleep(0.005)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
@@ -364,13 +424,10 @@ class _Worker:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered
             log.error("sandbox worker %s did not die after SIGKILL", proc.pid)
-        try:
-            os.close(self.status_fd)
-        except OSError:
-            pass
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        self.wbuf = []
 
     def close(self) -> None:
         """Polite shutdown: EOF on stdin makes the zygote exit; then make sure."""
@@ -388,266 +445,286 @@ class _Worker:
 
     # -- I/O
     def _drain_stderr(self) -> None:
+        if self.proc is None:
+            return
         while True:
             try:
                 chunk = os.read(self.err_fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
+            except (BlockingIOError, OSError, ValueError):
                 return
             if not chunk:
                 return
             self.stderr_tail = (self.stderr_tail + chunk)[-4096:]
 
-    def _read_lines(self, fd: int, buf: bytearray, limit: int) -> tuple[list[bytes], bool]:
-        """Read what is available; return complete lines and whether EOF was seen."""
+    def _pump(self, wait_s: float) -> list:
+        """One select round: write pending frames, read stdout. Returns parsed messages in order:
+        dicts (status) and ("r", bytes) tuples (relayed child results)."""
+        fds_w = [self.in_fd] if self.wbuf else []
+        try:
+            r, w, _ = select.select([self.out_fd, self.err_fd], fds_w, [], max(0.0, wait_s))
+        except (OSError, ValueError) as exc:
+            raise _WorkerDied(f"select failed: {exc}") from exc
+        if w:
+            try:
+                while self.wbuf:
+                    k = os.write(self.in_fd, self.wbuf[0])
+                    if k < len(self.wbuf[0]):
+                        self.wbuf[0] = self.wbuf[0][k:]
+                        break
+                    self.wbuf.pop(0)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _WorkerDied(f"worker closed its input: {exc}") from exc
+        if self.err_fd in r:
+            self._drain_stderr()
+        if self.out_fd not in r:
+            return []
+        limit = self.sb.max_output_chars + 64
         eof = False
         while True:
             try:
-                chunk = os.read(fd, 1 << 20)
+                chunk = os.read(self.out_fd, 1 << 20)
             except BlockingIOError:
                 break
             if not chunk:
                 eof = True
                 break
-            buf += chunk
-            if len(buf) > 2 * limit + (1 << 20):
-                raise _ProtocolViolation(f"worker output exceeds {limit} bytes per message")
-        if b"\n" not in buf:
-            if len(buf) > limit:
-                raise _ProtocolViolation(f"worker output exceeds {limit} bytes per message")
-            return [], eof
-        *lines, rest = bytes(buf).split(b"\n")
-        buf[:] = rest
-        if len(rest) > limit or any(len(x) > limit for x in lines):
-            raise _ProtocolViolation(f"worker output exceeds {limit} bytes per message")
-        return lines, eof
-
-    def _pump(self, wait_s: float, want_write: bool = False) -> list[dict]:
-        """Wait up to wait_s for status messages; result lines are kept in self.pending_out."""
-        fds_r = [self.status_fd, self.err_fd, self.out_fd]
-        fds_w = [self.in_fd] if want_write else []
-        try:
-            r, w, _ = select.select(fds_r, fds_w, [], max(0.0, wait_s))
-        except (OSError, ValueError) as exc:
-            raise _WorkerDied(f"select failed: {exc}") from exc
-        self.writable = bool(w)
-        msgs = []
-        if self.err_fd in r:
-            self._drain_stderr()
-        if self.status_fd in r:
-            lines, eof = self._read_lines(self.status_fd, self.status_buf, 1 << 16)
+            self.rbuf += chunk
+            if len(self.rbuf) > 4 * limit:
+                break
+        out: list = []
+        if b"\n" in self.rbuf:
+            *lines, rest = bytes(self.rbuf).split(b"\n")
+            self.rbuf = bytearray(rest)
             for line in lines:
-                try:
-                    m = json.loads(line)
-                except ValueError as exc:
-                    raise _WorkerDied(f"bad status line from worker: {line[:100]!r}") from exc
-                if not isinstance(m, dict):
-                    raise _WorkerDied("bad status message from worker")
-                msgs.append(m)
-            if eof and not msgs:
-                raise _WorkerDied("worker exited")
-        self.out_ready = self.out_fd in r
-        return msgs
+                if line.startswith(b"r "):
+                    out.append(("r", line[2:]))
+                elif line:
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError as exc:
+                        raise _WorkerDied(f"bad status line from worker: {line[:100]!r}") from exc
+        if len(self.rbuf) > limit:
+            raise _WorkerDied("worker sent an over-long line")
+        if eof:
+            out.append({"t": "eof"})
+        return out
 
-    # -- one job (with retries for the calls after a killed/timed-out one)
-    def run_job(self, job: _Job) -> None:
-        sb = self.sb
-        batch = job.batch
-        todo = list(job.calls)
-        fi = job.func_index
-        while todo:
-            dead = batch.func_dead.get(fi)
-            if dead is not None:
-                for pos, ii in todo:
-                    batch.set(pos, CallResult(fi, ii, dead[0], dead[1]))
-                return
-            if self.proc is None:
-                self.start()
-            todo = self._attempt(job, todo)
-
-    def _attempt(self, job: _Job, todo: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Run `todo` once. Returns the calls still to run (after a kill), [] when all are settled."""
-        sb = self.sb
-        batch = job.batch
-        fi = job.func_index
-        frame_body = b"".join(
+    # -- jobs
+    def submit(self, job: _Job, todo: list[tuple[int, int]] | None = None) -> None:
+        if self.proc is None:
+            self.start()
+        todo = list(job.calls if todo is None else todo)
+        body = b"".join(
             [b'{"src":', json.dumps(job.src).encode(), b',"inputs":[',
              b",".join(job.enc_inputs[ii] for _, ii in todo), b"]}"]
         )
-        if len(frame_body) > sb.max_job_bytes:  # split (cannot happen for a single call: checked in run)
-            half = max(1, len(todo) // 2)
-            rest = self._attempt(job, todo[:half])
-            return rest + todo[half:]
-        data = memoryview(struct.pack(">I", len(frame_body)) + frame_body)
-        _PROGRESS_SET(self.progress, 0, -2)
-        got: list[tuple[str, str]] = []  # (code, detail) in order
-        compile_err: str | None = None
-        last_prog, last_change = -2, time.monotonic()
-        job_deadline = last_change + sb.timeout_s * (len(todo) + 2) + 5.0
-        exit_msg: dict | None = None
-        kill_sent_at: float | None = None
-        timed_out_at: int | None = None
+        jid = self.next_jid
+        self.next_jid += 1
+        self.wbuf.append(memoryview(_FRAME.pack(b"J", jid, len(body)) + body))
+        self.inflight.append(_Run(jid, job, todo, time.monotonic()))
+
+    def _send_kill(self, run: _Run, now: float) -> None:
+        self.wbuf.append(memoryview(_FRAME.pack(b"K", run.jid, 0)))
+        run.kill_sent_at = now
+
+    def service(self) -> list[tuple[_Job, list[tuple[int, int]]]]:
+        """One round of I/O and watchdog. Returns (job, calls) still to run after kills/deaths."""
+        sb = self.sb
+        retry: list[tuple[_Job, list[tuple[int, int]]]] = []
         poll = min(0.05, sb.timeout_s / 5)
-        violation: str | None = None
-
-        def settle_results(lines: list[bytes]) -> None:
-            nonlocal compile_err
-            for line in lines:
-                try:
-                    m = json.loads(line)
-                    if "c" in m:
-                        if got or compile_err is not None:
-                            raise ValueError("unexpected compile message")
-                        compile_err = str(m["c"])[: sb.max_detail_chars]
-                        continue
-                    s, codes, det = int(m["s"]), m["o"], m.get("d") or {}
-                    if s != len(got) or not isinstance(codes, str) or not isinstance(det, dict):
-                        raise ValueError("out-of-order results")
-                    if len(got) + len(codes) > len(todo):
-                        raise ValueError("too many results")
-                    for k, c in enumerate(codes):
-                        if c not in _CODE or c == _worker.COMPILE:
-                            raise ValueError(f"bad outcome code {c!r}")
-                        d = det.get(str(k))
-                        got.append((c, str(d)[: sb.max_detail_chars] if d is not None else ""))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise _ProtocolViolation(f"bad result line: {exc}") from exc
-
         try:
-            while True:
-                now = time.monotonic()
-                msgs = self._pump(poll, want_write=bool(data))
-                if data and self.writable:
-                    try:
-                        k = os.write(self.in_fd, data)
-                        data = data[k:]
-                    except BlockingIOError:
-                        pass
-                    except BrokenPipeError as exc:
-                        raise _WorkerDied("worker closed its input") from exc
-                if self.out_ready or msgs:
-                    lines, _eof = self._read_lines(self.out_fd, self.out_buf, sb.max_output_chars)
-                    settle_results(lines)
-                for m in msgs:
-                    if m.get("t") == "exit":
-                        exit_msg = m
-                    elif m.get("t") == "fatal":
-                        raise _WorkerDied(f"worker fatal: {m.get('error')}")
-                if exit_msg is not None:
-                    # the child is gone: everything it wrote is in the pipe now
-                    lines, _eof = self._read_lines(self.out_fd, self.out_buf, sb.max_output_chars)
-                    settle_results(lines)
-                    self.out_buf.clear()
-                    break
-                prog = _PROGRESS_GET(self.progress, 0)[0]
-                if prog != last_prog:
-                    last_prog, last_change = prog, now
-                if kill_sent_at is None:
-                    if now - last_change > sb.timeout_s or now > job_deadline:
-                        timed_out_at = prog
-                        self._send_kill(data)
-                        data = memoryview(b"")
-                        kill_sent_at = now
-                elif now - kill_sent_at > sb.kill_grace_s:
-                    raise _WorkerDied("worker did not stop its child after a timeout")
-        except _ProtocolViolation as exc:
-            violation = str(exc)
+            msgs = self._pump(poll)
+            now = time.monotonic()
+            for m in msgs:
+                head = self.inflight[0] if self.inflight else None
+                if isinstance(m, tuple):
+                    if head is None or not head.started:
+                        raise _WorkerDied("results without a running job")
+                    self._on_result(head, m[1], now)
+                    continue
+                t = m.get("t")
+                if t == "start":
+                    if head is None or head.jid != m.get("j") or head.started:
+                        raise _WorkerDied("unexpected start message")
+                    head.started = True
+                    head.last_change = now
+                    head.deadline = now + sb.timeout_s * (len(head.todo) + 2) + 5.0
+                elif t == "exit":
+                    if head is None or head.jid != m.get("j") or not head.started:
+                        raise _WorkerDied("unexpected exit message")
+                    self.inflight.pop(0)
+                    rest = self._finish(head, m)
+                    if rest:
+                        retry.append((head.job, rest))
+                elif t == "fatal":
+                    raise _WorkerDied(f"worker fatal error: {m.get('error')}")
+                elif t == "eof":
+                    raise _WorkerDied("worker exited")
+                else:
+                    raise _WorkerDied(f"unknown message {t!r}")
+            # watchdog on the running job
+            head = self.inflight[0] if self.inflight else None
+            if head is not None:
+                if head.started and head.kill_sent_at is None:
+                    jid = _PROGRESS.unpack_from(self.progress, 0)[0]
+                    k = _PROGRESS.unpack_from(self.progress, 8)[0]
+                    if jid == head.jid and (jid, k) != head.last_prog:
+                        head.last_prog, head.last_change = (jid, k), now
+                    if now - head.last_change > sb.timeout_s or now > head.deadline:
+                        head.timed_out_at = k if jid == head.jid else None
+                        if head.timed_out_at is None:
+                            head.timed_out_at = -1
+                        self._send_kill(head, now)
+                elif head.kill_sent_at is not None and now - head.kill_sent_at > sb.kill_grace_s:
+                    raise _WorkerDied("worker did not stop its child after a kill request")
+                elif not head.started and now - head.sent_at > sb.startup_timeout_s + sb.timeout_s:
+                    raise _WorkerDied("worker did not start the job")
+        except (_WorkerDied, _ProtocolViolation) as exc:
+            self._drain_stderr()
+            log.warning("sandbox worker %d died: %s (stderr: %s)", self.slot, exc,
+                        self.stderr_tail.decode(errors="replace")[-500:])
+            prog = None
+            if self.progress is not None and self.inflight:
+                jid = _PROGRESS.unpack_from(self.progress, 0)[0]
+                if jid == self.inflight[0].jid:
+                    prog = _PROGRESS.unpack_from(self.progress, 8)[0]
             self.kill()
-        except _WorkerDied as exc:
-            if self.progress is not None:
-                last_prog = _PROGRESS_GET(self.progress, 0)[0]
-            self._drain_stderr_safe()
-            log.warning("sandbox worker %d died: %s", self.slot, exc)
-            self.kill()
-            exit_msg = {"t": "exit", "code": None, "sig": None, "worker": str(exc)}
+            runs, self.inflight = self.inflight, []
+            for i, run in enumerate(runs):
+                if i == 0 and run.started:
+                    if run.timed_out_at is None and prog is not None:
+                        run.last_prog = (run.jid, prog)
+                    rest = self._finish(run, {"t": "exit", "worker": str(exc)})
+                else:
+                    rest = run.todo
+                if rest:
+                    retry.append((run.job, rest))
+        return retry
 
-        fi = job.func_index
-        if violation is not None:
-            for pos, ii in todo[len(got):]:
-                job.batch.set(pos, CallResult(fi, ii, Outcome.killed, _short(f"protocol violation: {violation}")))
-            for (pos, ii), (c, d) in zip(todo, got):
-                job.batch.set(pos, CallResult(fi, ii, _CODE[c], d))
+    def _on_result(self, run: _Run, payload: bytes, now: float) -> None:
+        if run.violation is not None:
+            return
+        sb = self.sb
+        try:
+            if len(payload) > sb.max_output_chars:
+                raise ValueError(f"result message over {sb.max_output_chars} bytes")
+            m = json.loads(payload)
+            if not isinstance(m, dict):
+                raise ValueError("not an object")
+            if "c" in m:
+                if run.got or run.compile_err is not None:
+                    raise ValueError("unexpected compile message")
+                run.compile_err = _short(str(m["c"]), sb.max_detail_chars)
+                return
+            s, codes, det = m["s"], m["o"], m.get("d") or {}
+            if type(s) is not int or s != len(run.got) or not isinstance(codes, str) or not isinstance(det, dict):
+                raise ValueError("out-of-order results")
+            if len(run.got) + len(codes) > len(run.todo):
+                raise ValueError("too many results")
+            for k, c in enumerate(codes):
+                if c not in _CODE or c == _worker.COMPILE:
+                    raise ValueError(f"bad outcome code {c[:5]!r}")
+                d = det.get(str(k))
+                run.got.append((c, _short(str(d), sb.max_detail_chars) if d is not None else ""))
+        except (ValueError, KeyError, TypeError) as exc:
+            run.violation = _short(str(exc), 200)
+            if run.kill_sent_at is None:
+                self._send_kill(run, now)
+
+    def _finish(self, run: _Run, m: dict) -> list[tuple[int, int]]:
+        """Settle a run that ended; return the calls that still need a run."""
+        sb = self.sb
+        job, todo, got = run.job, run.todo, run.got
+        batch, fi = job.batch, job.func_index
+        batch.set_many([(pos, CallResult(fi, ii, _CODE[c], d)) for (pos, ii), (c, d) in zip(todo, got)])
+        rest_i = len(got)
+        if run.violation is not None:
+            for pos, ii in todo[rest_i:]:
+                batch.set(pos, CallResult(fi, ii, Outcome.killed, _short(f"protocol violation: {run.violation}")))
             return []
-        if compile_err is not None:
-            outcome = Outcome.compile_error
-            job.batch.func_dead[fi] = (outcome, compile_err)
+        if run.compile_err is not None:
+            batch.func_dead[fi] = (Outcome.compile_error, run.compile_err)
             for pos, ii in todo:
-                job.batch.set(pos, CallResult(fi, ii, outcome, compile_err))
+                batch.set(pos, CallResult(fi, ii, Outcome.compile_error, run.compile_err))
             return []
-        for (pos, ii), (c, d) in zip(todo, got):
-            job.batch.set(pos, CallResult(fi, ii, _CODE[c], d))
-        rest = todo[len(got):]
-        if not rest:
+        if rest_i >= len(todo):
             return []
-        # the child ended early: who was running?
-        prog = _PROGRESS_GET(self.progress, 0)[0] if self.progress is not None else last_prog
-        if timed_out_at is not None:
-            prog = timed_out_at
-        culprit_k = prog if len(got) <= prog < len(todo) else len(got)
+        # the child ended early: which call was running?
+        if run.timed_out_at is not None:
+            prog = run.timed_out_at
+        elif run.last_prog[0] == run.jid:
+            prog = run.last_prog[1]
+            if self.progress is not None:
+                jid = _PROGRESS.unpack_from(self.progress, 0)[0]
+                if jid == run.jid:
+                    prog = _PROGRESS.unpack_from(self.progress, 8)[0]
+        elif self.progress is not None and _PROGRESS.unpack_from(self.progress, 0)[0] == run.jid:
+            prog = _PROGRESS.unpack_from(self.progress, 8)[0]
+        else:
+            prog = rest_i
         in_setup = prog < 0
-        culprit_pos, culprit_ii = todo[culprit_k]
-        if timed_out_at is not None:
+        k = prog if rest_i <= prog < len(todo) else rest_i
+        pos, ii = todo[k]
+        if run.timed_out_at is not None:
             if in_setup:
                 detail = f"module code or setup exceeded {sb.timeout_s:g}s"
-                job.batch.func_dead[fi] = (Outcome.timeout, detail)
-                for pos, ii in todo[len(got):]:
-                    job.batch.set(pos, CallResult(fi, ii, Outcome.timeout, detail))
+                batch.func_dead[fi] = (Outcome.timeout, detail)
+                for p2, i2 in todo[rest_i:]:
+                    batch.set(p2, CallResult(fi, i2, Outcome.timeout, detail))
                 return []
-            detail = f"exceeded {sb.timeout_s:g}s"
-            job.batch.set(culprit_pos, CallResult(fi, culprit_ii, Outcome.timeout, detail))
-            with job.batch.lock:
-                job.batch.func_timeouts[fi] += 1
-                n_to = job.batch.func_timeouts[fi]
+            batch.set(pos, CallResult(fi, ii, Outcome.timeout, f"exceeded {sb.timeout_s:g}s"))
+            with batch.lock:
+                batch.func_timeouts[fi] += 1
+                n_to = batch.func_timeouts[fi]
             if sb.max_timeouts_per_func is not None and n_to >= sb.max_timeouts_per_func:
-                job.batch.func_dead[fi] = (
+                batch.func_dead[fi] = (
                     Outcome.timeout, f"not run: the function already timed out {n_to} times in this batch")
         else:
-            detail = _exit_detail(exit_msg)
+            detail = _exit_detail(m, sb.max_output_chars)
             if in_setup:
-                job.batch.func_dead[fi] = (Outcome.killed, "while defining evaluate: " + detail)
-                for pos, ii in todo[len(got):]:
-                    job.batch.set(pos, CallResult(fi, ii, Outcome.killed, "while defining evaluate: " + detail))
+                detail = "while defining evaluate: " + detail
+                batch.func_dead[fi] = (Outcome.killed, detail)
+                for p2, i2 in todo[rest_i:]:
+                    batch.set(p2, CallResult(fi, i2, Outcome.killed, detail))
                 return []
-            job.batch.set(culprit_pos, CallResult(fi, culprit_ii, Outcome.killed, detail))
-        return [c for i, c in enumerate(todo) if i >= len(got) and i != culprit_k]
-
-    def _send_kill(self, unsent: memoryview) -> None:
-        if unsent and len(unsent) > 0:
-            # the zygote has not read the whole frame yet: only a restart resynchronises the pipe
-            raise _WorkerDied("timeout while the job was still being sent")
-        try:
-            os.set_blocking(self.in_fd, True)
-            os.write(self.in_fd, struct.pack(">I", 0))
-            os.set_blocking(self.in_fd, False)
-        except OSError as exc:
-            raise _WorkerDied(f"could not send kill request: {exc}") from exc
-
-    def _drain_stderr_safe(self) -> None:
-        if self.proc is not None:
-            try:
-                self._drain_stderr()
-            except Exception:  # noqa: BLE001 - diagnostics only
-                log.debug("could not read worker stderr", exc_info=True)
+            batch.set(pos, CallResult(fi, ii, Outcome.killed, detail))
+        return [c for i, c in enumerate(todo) if i >= rest_i and i != k]
 
 
-class _ProtocolViolation(Exception):
-    pass
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+    except OSError:
+        pass
+    return out
 
 
-_PROGRESS_SET = struct.Struct("<q").pack_into
-_PROGRESS_GET = struct.Struct("<q").unpack_from
+def _alive_child_of(pid: int, parent: int) -> bool:
+    """True while pid exists (zombie or not) and is still parent's child."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            st = fh.read().rsplit(")", 1)[1].split()
+        return int(st[1]) == parent
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _short(s: str, n: int = 300) -> str:
-    return s if len(s) <= n else s[: n - 3] + "..."
+    return s if len(s) <= n else s[: max(0, n - 3)] + "..."
 
 
-def _exit_detail(m: dict | None) -> str:
+def _exit_detail(m: dict | None, max_output: int = 0) -> str:
     if not m:
         return "worker process died"
     if m.get("worker"):
         return _short("worker process died: " + m["worker"])
+    if m.get("overflow"):
+        return f"output over the {max_output}-byte limit"
     if m.get("sig") is not None:
         sig = m["sig"]
         try:
@@ -655,8 +732,9 @@ def _exit_detail(m: dict | None) -> str:
         except ValueError:
             name = str(sig)
         extra = {
-            signal.SIGKILL: " (resource limit or killed)", signal.SIGXCPU: " (CPU time limit)",
+            signal.SIGKILL: " (memory/resource limit or killed)", signal.SIGXCPU: " (CPU time limit)",
             signal.SIGSEGV: " (crashed)", signal.SIGXFSZ: " (file size limit)", signal.SIGSYS: " (forbidden syscall)",
+            signal.SIGABRT: " (aborted)",
         }.get(sig, "")
         return f"terminated by {name}{extra}"
     return f"process exited with status {m.get('code')} during the call"
@@ -790,18 +868,53 @@ class Sandbox:
             return
         finally:
             ready.set()
+        local: list[tuple[_Job, list[tuple[int, int]]]] = []  # retries stay on this slot, first
+        stopping = False
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.batch.error is not None or job.batch.done.is_set():
-                continue
             try:
-                w.run_job(job)
-            except BaseException as exc:  # noqa: BLE001 - surfaced to the caller of run()
+                # keep one job running and one queued in the worker (hides the round trip)
+                while not stopping and len(w.inflight) < 2 and not any(len(b) > 4096 for b in w.wbuf):
+                    if local:
+                        job, todo = local.pop(0)
+                    else:
+                        try:
+                            job = self._queue.get(block=not w.inflight)
+                        except queue.Empty:
+                            break
+                        if job is None:
+                            stopping = True
+                            break
+                        todo = job.calls
+                    todo = self._settle_dead(job, todo)
+                    if todo:
+                        w.submit(job, todo)
+                if not w.inflight:
+                    if stopping:
+                        return
+                    continue
+                retry = w.service()
+                local[:0] = retry
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the callers of run()
                 log.exception("sandbox worker %d failed", w.slot)
+                runs, w.inflight = w.inflight, []
                 w.kill()
-                job.batch.fail(exc)
+                for run in runs:
+                    run.job.batch.fail(exc)
+                for job, _todo in local:
+                    job.batch.fail(exc)
+                local = []
+
+    @staticmethod
+    def _settle_dead(job: _Job, todo: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        batch = job.batch
+        if batch.error is not None or batch.done.is_set():
+            return []
+        dead = batch.func_dead.get(job.func_index)
+        if dead is None:
+            return todo
+        for pos, ii in todo:
+            batch.set(pos, CallResult(job.func_index, ii, dead[0], dead[1]))
+        return []
 
     def run(
         self,
@@ -844,7 +957,7 @@ class Sandbox:
         if biggest_src + biggest_inp + 64 > self.max_job_bytes:
             raise ValueError(f"a function plus one input exceeds max_job_bytes={self.max_job_bytes}")
         # chunks small enough to balance the pool, large enough to amortise the fork per job
-        chunk = max(1, min(self.max_job_calls, math.ceil(len(pairs_l) / (self.workers * 4))))
+        chunk = max(min(32, self.max_job_calls), min(self.max_job_calls, math.ceil(len(pairs_l) / (self.workers * 2))))
         jobs = []
         for i, calls in by_func.items():
             src = funcs[i]
