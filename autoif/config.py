@@ -33,6 +33,15 @@ class EngineKind(str, Enum):
     scripted = "scripted"
 
 
+class JsonFormat(str, Enum):
+    """How an OpenAI-compatible server takes a JSON schema: ``json_schema`` (OpenAI, vLLM), ``json_object``
+    with a ``schema`` (llama.cpp server), or ``auto`` (json_schema, switching once the server rejects it)."""
+
+    auto = "auto"
+    json_schema = "json_schema"
+    json_object = "json_object"
+
+
 class Cmp(str, Enum):
     gt = ">"
     ge = ">="
@@ -76,6 +85,7 @@ class EngineConfig(_Model):
     model_path: str | None = None  # GGUF file (llamacpp) or model dir (vllm); None = the embedded default
     scripted_path: str | None = None  # canned outputs (scripted engine)
     chat: bool = True  # chat/completions vs completions
+    json_format: JsonFormat = JsonFormat.auto
     max_concurrency: int = Field(8, ge=1)
     max_retries: int = Field(5, ge=0)
     timeout_s: float = Field(120.0, gt=0)

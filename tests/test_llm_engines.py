@@ -36,6 +36,14 @@ class FlakyServer:
                     self.end_headers()
                     self.wfile.write(b'{"error": "nope"}')
                     return
+                if action == "llamacpp_like":  # ignores n, wants {"type": "json_object", "schema": ...}
+                    if (body.get("response_format") or {}).get("type") == "json_schema":
+                        self.send_response(500)
+                        self.end_headers()
+                        self.wfile.write(b'{"error": "response_format: Input should be json_object"}')
+                        return
+                    body["n"] = 1
+                    prompt = f"{prompt}@{body.get('seed')}"
                 if action == "slow":
                     time.sleep(1.5)
                 if action == "garbage":
@@ -76,7 +84,7 @@ def test_server_side_n_seed_and_schema_are_sent(server):
     assert llm.usage.requests == 2 and llm.usage.completions == 6 and llm.usage.completion_tokens == 30
     sent = {b["messages"][0]["content"]: b for b in server.bodies}
     assert sent["a"]["n"] == 3 and sent["a"]["max_tokens"] == 9 and sent["a"]["temperature"] == 0.7
-    assert {sent["a"]["seed"], sent["b"]["seed"]} == {11, 12}
+    assert {sent["a"]["seed"], sent["b"]["seed"]} == {11, 14}  # prompts are n seeds apart
     assert sent["a"]["response_format"]["json_schema"]["schema"] == {"type": "object"}
     assert isinstance(llm, LLM)
 
@@ -146,3 +154,20 @@ def test_scripted_file_errors(tmp_path):
     bad.write_text('{"prompt": "x", "outputs": "not a list"}\n')
     with pytest.raises(ValueError, match="record 0"):
         ScriptedLLM.from_file(bad)
+
+
+def test_server_that_ignores_n_and_wants_json_object(server):
+    server.plans = {"p": ["llamacpp_like"], "q": ["llamacpp_like"]}
+    llm = engine(server.url)
+    out = llm.generate(["p", "q"], n=3, temperature=0.8, seed=100, json_schema={"type": "object"})
+    # n completions fetched one by one, each with its own seed; schema sent the way the server takes it
+    assert out == [["p@100#0", "p@101#0", "p@102#0"], ["q@103#0", "q@104#0", "q@105#0"]]
+    assert llm.json_format.value == "json_object" and llm.server_n is False
+    assert server.bodies[-1]["response_format"] == {"type": "json_object", "schema": {"type": "object"}}
+    assert llm.usage.errors["json_schema_rejected"] >= 1 and "http_500" not in llm.usage.errors
+
+
+def test_greedy_n_sends_one_request(server):
+    llm = engine(server.url)
+    assert llm.generate(["g"], n=4, temperature=0.0) == [["g#0"] * 4]
+    assert llm.usage.requests == 1 and server.bodies[0]["n"] == 1

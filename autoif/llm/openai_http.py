@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from autoif.config import EngineConfig
+from autoif.config import EngineConfig, JsonFormat
 from autoif.llm import Usage
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -42,6 +42,7 @@ class OpenAIHTTPLLM:
         timeout_s: float = 120.0,
         backoff_s: float = 0.5,
         chat: bool = True,
+        json_format: JsonFormat = JsonFormat.auto,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -51,6 +52,13 @@ class OpenAIHTTPLLM:
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.chat = chat
+        # How a JSON schema is sent: "json_schema" (OpenAI, vLLM), "json_object" (llama.cpp server:
+        # {"type": "json_object", "schema": ...}), or "auto": json_schema first, then json_object once the
+        # server rejects it (remembered for this instance).
+        self.json_format = JsonFormat(json_format)
+        # Does the server honour `n`? None = not known yet. llama.cpp's server ignores it and answers one
+        # choice; then the n completions are n requests (seeds s, s+1, ...).
+        self.server_n: bool | None = None
         self.usage = Usage()
 
     @classmethod
@@ -66,6 +74,7 @@ class OpenAIHTTPLLM:
             timeout_s=cfg.timeout_s,
             backoff_s=cfg.backoff_s,
             chat=cfg.chat,
+            json_format=cfg.json_format,
         )
 
     @property
@@ -107,10 +116,27 @@ class OpenAIHTTPLLM:
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout_s) as client:
 
             async def one(i: int, prompt: str) -> list[str]:
+                # Per-prompt seed keeps prompts distinct while the run stays reproducible; a server derives
+                # seeds s, s+1, ... for the n choices, so prompts are n apart.
+                s = None if seed is None else seed + i * n
                 async with sem:
-                    # Per-prompt seed keeps prompts distinct while the run stays reproducible.
-                    body = self._body(prompt, n, temperature, max_tokens, None if seed is None else seed + i, json_schema)
-                    return await self._post(client, body, n)
+                    if n > 1 and temperature == 0:
+                        # Greedy choices are identical, and vLLM rejects n > 1 with greedy sampling.
+                        texts = await self._post(client, self._body(prompt, 1, temperature, max_tokens, s, json_schema), 1)
+                        return texts * n
+                    if self.server_n is not False:
+                        texts = await self._post(client, self._body(prompt, n, temperature, max_tokens, s, json_schema), n)
+                        if len(texts) == n:
+                            if n > 1:
+                                self.server_n = True
+                            return texts
+                        self.server_n = False  # answered one choice for n > 1
+                    else:
+                        texts = []
+                    for j in range(len(texts), n):
+                        sj = None if s is None else s + j
+                        texts += await self._post(client, self._body(prompt, 1, temperature, max_tokens, sj, json_schema), 1)
+                    return texts
 
             out = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         self.usage.prompts += len(prompts)
@@ -126,11 +152,22 @@ class OpenAIHTTPLLM:
         else:
             body["prompt"] = prompt
         if json_schema is not None:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": json_schema, "strict": True},
-            }
+            body["response_format"] = self._response_format(json_schema)
         return body
+
+    def _response_format(self, json_schema: dict) -> dict:
+        if self.json_format is JsonFormat.json_object:
+            return {"type": "json_object", "schema": json_schema}
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": json_schema, "strict": True}}
+
+    def _rejects_json_schema(self, body: dict, resp: httpx.Response) -> bool:
+        """llama.cpp's server answers a json_schema response_format with a validation error (HTTP 500/422)."""
+        return (
+            self.json_format is not JsonFormat.json_schema  # "auto", or switched already by a concurrent request
+            and resp.status_code in (400, 422, 500)
+            and (body.get("response_format") or {}).get("type") == "json_schema"
+            and "response_format" in resp.text
+        )
 
     async def _post(self, client: httpx.AsyncClient, body: dict, n: int) -> list[str]:
         path = "/chat/completions" if self.chat else "/completions"
@@ -146,6 +183,11 @@ class OpenAIHTTPLLM:
                 last = f"{type(e).__name__}: {e}"
                 self._count_error(type(e).__name__)
                 continue
+            if self._rejects_json_schema(body, resp):
+                self.json_format = JsonFormat.json_object
+                body = {**body, "response_format": self._response_format(body["response_format"]["json_schema"]["schema"])}
+                self._count_error("json_schema_rejected")
+                return await self._post(client, body, n)
             if resp.status_code in RETRY_STATUS:
                 last = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 self._count_error(f"http_{resp.status_code}")
@@ -164,7 +206,8 @@ class OpenAIHTTPLLM:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             self._count_error("bad_response")
             raise LLMResponseError(f"{self.base_url}{path}: not an OpenAI completion response ({e!r}): {resp.text[:300]!r}") from e
-        if len(texts) != n or not all(isinstance(t, str) for t in texts):
+        # One choice for n > 1: the server ignores n (llama.cpp); the caller asks for the rest one by one.
+        if len(texts) not in (n, 1) or not texts or not all(isinstance(t, str) for t in texts):
             self._count_error("bad_response")
             raise LLMResponseError(f"{self.base_url}{path}: asked for n={n} string completions, got {texts!r:.300}")
         usage = data.get("usage") or {}
