@@ -19,11 +19,6 @@ class PresetOption(str, Enum):
     paper = "paper"
 
 
-class FlowChoice(str, Enum):
-    instructions = "instructions"
-    all = "all"
-
-
 def _config(config: Optional[Path], preset: Optional[PresetOption], overrides: list[str]):
     from autoif.config import ConfigError, load_config
 
@@ -48,18 +43,24 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config"),
     preset: Optional[PresetOption] = typer.Option(None, "--preset", help="thresholds: code (published scripts) or paper"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set cross_validation.func_accuracy=0.5"),
-    flow: FlowChoice = typer.Option(FlowChoice.all, "--flow", help="which flow to run"),
+    until: Optional[str] = typer.Option(None, "--until", help="stop after this step (e.g. self_instruct, cross_validation)"),
 ) -> None:
     """Run the AutoIF pipeline (Prefect flow; outputs to the store; tracked in MLflow)."""
     cfg = _config(config, preset, set_)
     _embedded_defaults()
     from rich.console import Console
 
+    from autoif.flows.instructions import StageAStep
     from autoif.flows.pipeline import autoif_pipeline
 
+    try:
+        last = StageAStep(until) if until else StageAStep.consistency_filter
+    except ValueError:
+        typer.secho(f"--until: unknown step {until!r}; one of {', '.join(s.value for s in StageAStep)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     console = Console()
     with console.status(f"running AutoIF [{cfg.preset.value}] run={cfg.run_name} engine={cfg.engine.kind.value}"):
-        refs = autoif_pipeline(cfg, flow=flow.value)
+        refs = autoif_pipeline(cfg, until=last)
     _print_refs(console, refs)
 
 

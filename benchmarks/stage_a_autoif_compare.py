@@ -69,6 +69,7 @@ def autoif_reference(rows: list[dict], sandbox) -> list[dict]:
             hits = [value[i, j] is not None and value[i, j] == cases[j][1] for j in kept]
             result["acc"][f] = sum(hits) / len(hits) if hits else 0.0
         result["n_cases_kept"] = len(kept)
+        result["kept_cases"] = [cases[j] for j in kept]
         result["kept"] = any(a >= 0.8 for a in result["acc"].values())
         result["reason"] = None if result["kept"] else "no_function_accuracy_0.8"
         out.append(result)
@@ -133,7 +134,7 @@ def main() -> None:
 
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else SAMPLE
     rows = load(path)
-    cfg = load_config(preset="code")
+    cfg = load_config(preset="code", overrides={"cross_validation.timeout_s": 5.0})  # AutoIF's own limit; robust on a loaded machine
     with Sandbox(timeout_s=cfg.cross_validation.timeout_s) as sb:
         ref = autoif_reference(rows, sb)
     candidates, validated = ours(rows, cfg)

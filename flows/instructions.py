@@ -1,7 +1,7 @@
 """Stage A: instructions and verification functions (AutoIF steps 1-4)."""
 from __future__ import annotations
 
-from typing import Literal
+from enum import Enum
 
 from prefect import flow
 
@@ -11,11 +11,18 @@ from autoif.store import StepRef
 from autoif.tasks.instructions import load_seeds, self_instruct
 from autoif.tasks.verifiers import back_translate, consistency_filter, cross_validate, synthesize_verifiers
 
-StageAStep = Literal["self_instruct", "verifier_synthesis", "cross_validation", "back_translation", "consistency_filter"]
+class StageAStep(str, Enum):
+    """Where stage A may stop (``--until``)."""
+
+    self_instruct = "self_instruct"
+    verifier_synthesis = "verifier_synthesis"
+    cross_validation = "cross_validation"
+    back_translation = "back_translation"
+    consistency_filter = "consistency_filter"
 
 
 @flow(name="autoif-instructions", flow_run_name="{cfg.run_name}-instructions", log_prints=True)
-def build_instructions(cfg: RunConfig, until: StageAStep = "consistency_filter") -> dict[str, StepRef]:
+def build_instructions(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
     """Seeds -> self-instruct -> verifier synthesis -> cross-validation -> back-translation -> consistency
     filter; ``until`` stops after the named step."""
     with pipeline(cfg, "instructions"):

@@ -6,15 +6,15 @@ import datetime as dt
 from prefect import flow
 
 from autoif.config import RunConfig, load_config
-from autoif.flows.instructions import build_instructions
+from autoif.flows.instructions import StageAStep, build_instructions
 from autoif.store import StepRef
 
 
 @flow(name="autoif-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
-def autoif_pipeline(cfg: RunConfig, flow: str = "all") -> dict[str, StepRef]:
-    """Stage A (instructions, verifiers); stages B and C join as they land."""
+def autoif_pipeline(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
+    """Stage A (instructions, verifiers); stages B and C join as they land. ``until`` stops after a step."""
     refs: dict[str, StepRef] = {}
-    refs.update(build_instructions(cfg))
+    refs.update(build_instructions(cfg, until=until))
     return refs
 
 

@@ -37,7 +37,7 @@ def test_run_runs_show(tmp_path, make_cfg):
         "store": {"root": str(tmp_path / "store")}, "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
     }))
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
-    r = cli("run", "--config", str(conf), "--preset", "paper", "--set", "self_instruct.n_calls=3", cwd=tmp_path, env=env)
+    r = cli("run", "--config", str(conf), "--preset", "paper", "--set", "self_instruct.n_calls=3", "--until", "self_instruct", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "self_instruct" in r.stdout and "42" not in r.stderr
     r = cli("runs", "--config", str(conf), cwd=tmp_path)
@@ -53,3 +53,8 @@ def test_run_runs_show(tmp_path, make_cfg):
 def test_bad_override_is_a_clear_error(tmp_path):
     r = cli("run", "--set", "cross_validation.nope=1", cwd=tmp_path)
     assert r.returncode == 2 and "unknown config key 'cross_validation.nope'" in r.stderr
+
+
+def test_unknown_until_step(tmp_path):
+    r = cli("run", "--until", "nope", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown step 'nope'" in r.stderr

@@ -30,7 +30,7 @@ def test_parse_instruction_lines():
 def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tmp_path):
     cfg = make_cfg({"self_instruct.n_calls": 3, "run_name": "t1"})
     cfg = make_cfg({"self_instruct.n_calls": 3, "run_name": "t1"}, script=script_for(cfg))
-    refs = build_instructions(cfg)
+    refs = build_instructions(cfg, until="self_instruct")
 
     out = refs["self_instruct"]
     files = sorted((tmp_path / "store" / "t1" / "self_instruct" / out.key).glob("*.parquet"))
@@ -54,14 +54,14 @@ def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tm
     assert json.loads(ds.source)["uri"] == out.uri and ds.digest == out.digest[:32]
 
     # identical second run: every step from the cache, no LLM call, same versions
-    again = build_instructions(cfg)
+    again = build_instructions(cfg, until="self_instruct")
     assert again == refs
     runs = client.search_runs([exp.experiment_id], "tags.`autoif.flow` = 'instructions'", order_by=["start_time DESC"])
     assert len(runs) == 2 and runs[0].data.metrics["llm_requests"] == 0.0
     assert runs[0].data.metrics["self_instruct.rows_out"] == 42  # the funnel is logged for cached steps too
 
     # a changed self-instruct setting recomputes self_instruct but not seeds
-    changed = build_instructions(make_cfg({"self_instruct.n_calls": 2, "run_name": "t1"}))
+    changed = build_instructions(make_cfg({"self_instruct.n_calls": 2, "run_name": "t1"}), until="self_instruct")
     assert changed["seeds"] == refs["seeds"] and changed["self_instruct"].key != out.key
     assert len(Store(cfg.store.root).manifests("t1")) == 3
 
@@ -71,7 +71,7 @@ def test_prefect_artifacts_show_the_funnel(prefect_harness, make_cfg):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     cfg = make_cfg({"self_instruct.n_calls": 0, "run_name": "art"}, script=[])
-    build_instructions(cfg)
+    build_instructions(cfg, until="self_instruct")
     import asyncio
 
     async def fetch():

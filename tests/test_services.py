@@ -55,7 +55,7 @@ def test_failed_task_retry_on_prefect_server_with_s3_and_mlflow_server(tmp_path,
         "store": {"root": "s3://autoif-test/svc", "s3_endpoint_url": s3_server},
         "tracking": {"tracking_uri": mlflow_server, "experiment": "svc"}, "self_instruct": {"n_calls": 3},
     }))
-    r = subprocess.run([str(BIN / "autoif"), "run", "--config", str(conf)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(BIN / "autoif"), "run", "--config", str(conf), "--until", "self_instruct"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no canned output" in r.stderr + r.stdout
 
     from prefect.client.orchestration import get_client

@@ -34,7 +34,7 @@ def results():
     from autoif.sandbox import Sandbox
 
     rows = compare.load()
-    cfg = load_config(preset="code")
+    cfg = load_config(preset="code", overrides={"cross_validation.timeout_s": 5.0})  # AutoIF's own limit; robust on a loaded machine
     with Sandbox(timeout_s=cfg.cross_validation.timeout_s) as sb:
         ref = compare.autoif_reference(rows, sb)
     candidates, validated = compare.ours(rows, cfg)

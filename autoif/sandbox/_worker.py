@@ -473,7 +473,7 @@ class _Zygote:
                 if fr is None:
                     os._exit(0)
                 if fr[0] == b"K":
-                    continue  # a kill for a child that already ended
+                    continue  # a kill for a job that already ended
                 pending.append(fr)
             _typ, jid, frame = pending.popleft()
             _PROGRESS.pack_into(progress, 0, jid)
@@ -485,7 +485,7 @@ class _Zygote:
                     os.close(r)
                     os.dup2(w, 1)
                     os.close(w)
-                    _child(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars)
+                    _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars, max_line)
                 finally:
                     _exit(70)
             os.close(w)
@@ -502,7 +502,8 @@ class _Zygote:
             overflow = killed = False
             r_open = True
 
-            def relay(final: bool) -> None:
+            def relay() -> None:
+                # the job runner is trusted code: its lines are forwarded as they are (whole lines only)
                 nonlocal buf, overflow, r_open
                 while r_open:
                     try:
@@ -514,13 +515,11 @@ class _Zygote:
                         poller.unregister(r)
                         break
                     buf += chunk
-                    if b"\n" in chunk:
-                        *lines, rest = buf.split(b"\n")
-                        buf = bytearray(rest)
-                        out = b"".join(b"r " + ln + b"\n" for ln in lines if ln)
-                        if out:
-                            _write_all(1, out)
-                    if len(buf) > max_line:
+                    cut = buf.rfind(b"\n")
+                    if cut >= 0:
+                        _write_all(1, buf[: cut + 1])
+                        del buf[: cut + 1]
+                    if len(buf) > max_line + 256:
                         overflow = True
                         buf = bytearray()
                         try:
@@ -531,16 +530,17 @@ class _Zygote:
             while True:
                 for fd, _ev in poller.poll():
                     if fd == r:
-                        relay(False)
+                        relay()
                     elif fd == 0:
                         fr = read_job_or_kill()
-                        if fr is None:  # the parent closed the pipe: stop, reaping the child first
+                        if fr is None:  # the parent closed the pipe: stop, reaping the job first
                             os.kill(pid, 9)
                             os.waitpid(pid, 0)
+                            _kill_descendants()
                             os._exit(0)
                         if fr[0] == b"K":
                             if fr[1] == jid:
-                                os.kill(pid, 9)
+                                os.kill(pid, 9)  # the job runner's current child dies with it (PDEATHSIG)
                                 killed = True
                         elif pending:
                             os.kill(pid, 9)
@@ -549,22 +549,21 @@ class _Zygote:
                         else:
                             pending.append(fr)
                 try:
-                    wpid, st, ru = os.wait4(pid, os.WNOHANG)
+                    wpid, st = os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
-                    wpid, st, ru = pid, 0, None
+                    wpid, st = pid, 0
                 if wpid == pid:
                     break
             os.close(pidfd)
-            if not fprog:
-                _kill_descendants()  # only possible without seccomp (children cannot fork under it)
-            relay(True)  # everything the child wrote is in the pipe now (no writer is left)
+            # a killed job runner leaves its current child orphaned (we are its subreaper): make sure
+            # it is dead and reaped before the next job, so it cannot touch the progress page again
+            _kill_descendants()
+            relay()  # everything the job runner wrote is in the pipe now
             if r_open:
                 poller.unregister(r)
             os.close(r)
             msg = {"t": "exit", "j": jid, "code": None, "sig": None, "overflow": overflow,
-                   "killed_by_parent": killed, "partial": len(buf) > 0}
-            if ru is not None:
-                msg["ru"] = [ru.ru_utime, ru.ru_stime, ru.ru_minflt]
+                   "killed_by_parent": killed}
             if os.WIFSIGNALED(st):
                 msg["sig"] = os.WTERMSIG(st)
             elif os.WIFEXITED(st):
@@ -584,19 +583,88 @@ def zygote(cfg: dict) -> None:
     _Zygote(cfg).run()
 
 
-def _child(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars):
+def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars, max_line):
+    """One job = several functions x the same inputs (every function of a job is paired with every
+    input of it). Trusted code: decodes the job once, then forks one fresh child per function, so a
+    function only ever starts from the zygote's pristine state. Each child gets its own result pipe,
+    created after the previous child is gone, so a function can only report its own results.
+
+    Writes to fd 1 (a pipe to the zygote): ``{"t":"fs","i":I}`` before function I's child starts,
+    ``r <line>`` for each line that child wrote, ``{"t":"fe","i":I,...}`` after it exited and its
+    pipe was drained.
+    """
+    import gc
+
+    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if os.getppid() != zygote_pid:
+        _exit(71)
+    os.close(0)
+    job = json.loads(frame)
+    _zero(frame)
+    del frame
+    srcs, inputs = job["funcs"], job["inputs"]
+    del job
+    if type(srcs) is not list or type(inputs) is not list or any(type(x) is not str for x in inputs):  # noqa: E721
+        _exit(73)
+    gc.freeze()  # the decoded job is shared, untouched by the children's collections
+    me = os.getpid()
+    write_all, pack_into, unpack_from = _write_all, _PROGRESS.pack_into, _PROGRESS.unpack_from
+    for i, src in enumerate(srcs):
+        pack_into(progress, 8, PHASE_SETUP)
+        write_all(1, b'{"t":"fs","i":%d}\n' % i)
+        r, w = os.pipe()
+        pid = _fork_retry()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.dup2(w, 1)
+                os.close(w)
+                _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, me, detail_chars)
+            finally:
+                _exit(70)
+        os.close(w)
+        buf = bytearray()
+        overflow = False
+        while True:
+            chunk = os.read(r, 1 << 20)
+            if not chunk:
+                break  # the child is the only writer: EOF means it exited (or closed its stdout)
+            if overflow:
+                continue
+            buf += chunk
+            if b"\n" in chunk:
+                *lines, rest = buf.split(b"\n")
+                buf = bytearray(rest)
+                out = b"".join(b"r " + ln + b"\n" for ln in lines if ln)
+                if out:
+                    write_all(1, out)
+            if len(buf) > max_line:
+                overflow = True
+                buf = bytearray()
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        os.close(r)
+        _, st = os.waitpid(pid, 0)
+        k = unpack_from(progress, 8)[0]
+        msg = b'{"t":"fe","i":%d,"k":%d,"code":%s,"sig":%s,"overflow":%s}\n' % (
+            i, k,
+            b"%d" % os.WEXITSTATUS(st) if os.WIFEXITED(st) else b"null",
+            b"%d" % os.WTERMSIG(st) if os.WIFSIGNALED(st) else b"null",
+            b"true" if overflow else b"false",
+        )
+        write_all(1, msg)
+    _exit(0)
+
+
+def _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, detail_chars):
     import ctypes
     import resource
 
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
-    if os.getppid() != zygote_pid:
+    if os.getppid() != parent_pid:
         os._exit(71)
-    os.close(0)
-    _T = [time.perf_counter(), time.process_time()]
-    job = json.loads(frame)
-    _T += [time.perf_counter(), time.process_time()]
-    del frame
-    src, inputs = job["src"], job["inputs"]
     n = len(inputs)
     cpu = int(float(cfg["timeout_s"]) * (n + 1)) + 2
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
@@ -617,10 +685,8 @@ def _child(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_
         while view:
             view = view[write(1, view):]
 
-    _T += [time.perf_counter(), time.process_time()]
     fn, err = compile_function(src, safe_builtins, detail_chars)
-    _T += [time.perf_counter(), time.process_time()]
-    del src, job
+    del src
     if fn is None:
         emit(('{"c":' + jstr(err) + "}\n").encode("utf-8", "replace"))
         exit_(0)
@@ -634,6 +700,7 @@ def _child(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_
     # keep every result line well under the parent's per-message cap
     max_pending = max(1, int(cfg["max_output_chars"]) // 4)
     pending = 0
+    append = codes.append
     for k in range(n):
         inp = inputs[k]
         inputs[k] = None  # the list only ever holds inputs not yet evaluated
@@ -641,18 +708,18 @@ def _child(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_
         try:
             v = fn(inp)
         except BaseException as exc:  # noqa: BLE001 - every exception is an `error` outcome
-            codes.append(ERROR)
+            append(ERROR)
             d = describe_exception(exc, detail_chars)
-            details[str(k)] = d
+            details[str(k - start)] = d
             pending += len(d) + 16
         else:
             if type(v) is bool:
-                codes.append(PASS if v else FAIL)
+                append(PASS if v else FAIL)
             else:
                 c, d = normalise(v, detail_chars)
-                codes.append(c)
+                append(c)
                 if d:
-                    details[str(k)] = d
+                    details[str(k - start)] = d
                     pending += len(d) + 16
         del inp
         pending += 1
@@ -660,11 +727,10 @@ def _child(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_
             emit(result_line(start, "".join(codes), details))
             start += len(codes)
             codes, details = [], {}
+            append = codes.append
             pending = 0
             last_flush = now()
     set_progress(progress, 8, n)
-    _T += [time.perf_counter(), time.process_time()]
-    details["tm"] = ",".join("%.6f" % x for x in _T)
     emit(result_line(start, "".join(codes), details, n))
     exit_(0)
 

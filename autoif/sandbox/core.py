@@ -20,7 +20,6 @@ introspection can reach other modules. The boundary is the layers above.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import fcntl
 import json
 import logging
@@ -255,13 +254,28 @@ class _Batch:
             self.done.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
+    """Several functions x the same inputs. Every function of a job is paired with every input of
+    it: a job's processes hold its inputs (and its functions' sources), never another job's."""
+
     batch: _Batch
-    func_index: int
-    src: str
-    calls: list[tuple[int, int]]  # (position in results, input index)
+    funcs: list[tuple[int, str | None]]  # (function index, source)
+    positions: list[list[int]]  # per function: positions in the batch results, aligned with `inputs`
+    inputs: list[int]  # input indices
     enc_inputs: list[bytes]  # JSON-encoded inputs (shared across jobs of one batch)
+
+    @property
+    def n_calls(self) -> int:
+        return len(self.funcs) * len(self.inputs)
+
+    def sub(self, fns: list[int], idx: list[int] | None = None) -> "_Job":
+        """The same job restricted to functions `fns` (local indices) and input slots `idx`."""
+        if idx is None:
+            return _Job(self.batch, [self.funcs[f] for f in fns], [self.positions[f] for f in fns], self.inputs,
+                        self.enc_inputs)
+        return _Job(self.batch, [self.funcs[f] for f in fns], [[self.positions[f][k] for k in idx] for f in fns],
+                    [self.inputs[k] for k in idx], self.enc_inputs)
 
 
 class _WorkerDied(Exception):
@@ -274,23 +288,27 @@ class _ProtocolViolation(Exception):
 
 _PROGRESS = struct.Struct("<q")
 _FRAME = _worker.FRAME
+_VALID_CODES = frozenset((_worker.PASS, _worker.FAIL, _worker.ERROR, _worker.INVALID))
 
 
 @dataclass(eq=False)
 class _Run:
-    """One attempt of a job on a worker: the calls still to settle and what came back so far."""
+    """One attempt of a job on a worker. The job runner starts one child per function, in order;
+    `cur` is the function whose child runs now (known from the trusted job runner's messages)."""
 
     jid: int
     job: _Job
-    todo: list[tuple[int, int]]
     sent_at: float
-    got: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    compile_err: str | None = None
     started: bool = False
+    cur: int | None = None  # local index of the function whose child runs now
+    next_fn: int = 0  # local index of the next function the job runner will start
+    got: int = 0  # results received for the current function
+    compile_err: str | None = None
     last_prog: tuple[int, int] = (-1, -99)
     last_change: float = 0.0
     deadline: float = 0.0
     timed_out_at: int | None = None
+    kill_fn: int | None = None  # the function that was running when the watchdog asked for a kill
     kill_sent_at: float | None = None
     violation: str | None = None
 
@@ -512,27 +530,32 @@ class _Worker:
         return out
 
     # -- jobs
-    def submit(self, job: _Job, todo: list[tuple[int, int]] | None = None) -> None:
+    def submit(self, job: _Job) -> None:
         if self.proc is None:
             self.start()
-        todo = list(job.calls if todo is None else todo)
+        enc = job.enc_inputs
         body = b"".join(
-            [b'{"src":', json.dumps(job.src).encode(), b',"inputs":[',
-             b",".join(job.enc_inputs[ii] for _, ii in todo), b"]}"]
+            [b'{"funcs":[', b",".join(json.dumps(src).encode() for _, src in job.funcs), b'],"inputs":[',
+             b",".join([enc[ii] for ii in job.inputs]), b"]}"]
         )
         jid = self.next_jid
         self.next_jid += 1
         self.wbuf.append(memoryview(_FRAME.pack(b"J", jid, len(body)) + body))
-        self.inflight.append(_Run(jid, job, todo, time.monotonic()))
+        self.inflight.append(_Run(jid, job, time.monotonic()))
 
     def _send_kill(self, run: _Run, now: float) -> None:
         self.wbuf.append(memoryview(_FRAME.pack(b"K", run.jid, 0)))
         run.kill_sent_at = now
 
-    def service(self) -> list[tuple[_Job, list[tuple[int, int]]]]:
-        """One round of I/O and watchdog. Returns (job, calls) still to run after kills/deaths."""
+    def _page(self) -> tuple[int, int] | None:
+        if self.progress is None:
+            return None
+        return _PROGRESS.unpack_from(self.progress, 0)[0], _PROGRESS.unpack_from(self.progress, 8)[0]
+
+    def service(self) -> list[_Job]:
+        """One round of I/O and watchdog. Returns jobs still to run after kills/deaths."""
         sb = self.sb
-        retry: list[tuple[_Job, list[tuple[int, int]]]] = []
+        retry: list[_Job] = []
         poll = min(0.05, sb.timeout_s / 5)
         try:
             msgs = self._pump(poll)
@@ -540,24 +563,38 @@ class _Worker:
             for m in msgs:
                 head = self.inflight[0] if self.inflight else None
                 if isinstance(m, tuple):
-                    if head is None or not head.started:
-                        raise _WorkerDied("results without a running job")
+                    if head is None or head.cur is None:
+                        raise _WorkerDied("results without a running function")
                     self._on_result(head, m[1], now)
                     continue
                 t = m.get("t")
-                if t == "start":
+                if t == "fs":
+                    if head is None or not head.started or head.cur is not None or m.get("i") != head.next_fn \
+                            or head.next_fn >= len(head.job.funcs):
+                        raise _WorkerDied("unexpected function start")
+                    head.cur = head.next_fn
+                    head.next_fn += 1
+                    head.got = 0
+                    head.compile_err = None
+                    head.last_prog = (-1, -99)
+                    head.last_change = now
+                elif t == "fe":
+                    if head is None or head.cur is None or m.get("i") != head.cur:
+                        raise _WorkerDied("unexpected function end")
+                    retry += self._finish_fn(head, m)
+                    head.cur = None
+                    head.last_change = now
+                elif t == "start":
                     if head is None or head.jid != m.get("j") or head.started:
                         raise _WorkerDied("unexpected start message")
                     head.started = True
                     head.last_change = now
-                    head.deadline = now + sb.timeout_s * (len(head.todo) + 2) + 5.0
+                    head.deadline = now + sb.timeout_s * (head.job.n_calls + 2 * len(head.job.funcs)) + 5.0
                 elif t == "exit":
                     if head is None or head.jid != m.get("j") or not head.started:
                         raise _WorkerDied("unexpected exit message")
                     self.inflight.pop(0)
-                    rest = self._finish(head, m)
-                    if rest:
-                        retry.append((head.job, rest))
+                    retry += self._finish_run(head, m)
                 elif t == "fatal":
                     raise _WorkerDied(f"worker fatal error: {m.get('error')}")
                 elif t == "eof":
@@ -568,39 +605,34 @@ class _Worker:
             head = self.inflight[0] if self.inflight else None
             if head is not None:
                 if head.started and head.kill_sent_at is None:
-                    jid = _PROGRESS.unpack_from(self.progress, 0)[0]
-                    k = _PROGRESS.unpack_from(self.progress, 8)[0]
-                    if jid == head.jid and (jid, k) != head.last_prog:
-                        head.last_prog, head.last_change = (jid, k), now
-                    if now - head.last_change > sb.timeout_s or now > head.deadline:
-                        head.timed_out_at = k if jid == head.jid else None
-                        if head.timed_out_at is None:
-                            head.timed_out_at = -1
-                        self._send_kill(head, now)
+                    if head.cur is not None:
+                        jid, k = self._page()
+                        if jid == head.jid and (head.cur, k) != head.last_prog:
+                            head.last_prog, head.last_change = (head.cur, k), now
+                        if now - head.last_change > sb.timeout_s or now > head.deadline:
+                            head.timed_out_at = k if jid == head.jid else _worker.PHASE_SETUP
+                            head.kill_fn = head.cur
+                            self._send_kill(head, now)
+                    elif now - head.last_change > sb.startup_timeout_s + sb.timeout_s or now > head.deadline:
+                        self._send_kill(head, now)  # the job runner itself is stuck (should not happen)
                 elif head.kill_sent_at is not None and now - head.kill_sent_at > sb.kill_grace_s:
-                    raise _WorkerDied("worker did not stop its child after a kill request")
+                    raise _WorkerDied("worker did not stop its job after a kill request")
                 elif not head.started and now - head.sent_at > sb.startup_timeout_s + sb.timeout_s:
                     raise _WorkerDied("worker did not start the job")
         except (_WorkerDied, _ProtocolViolation) as exc:
             self._drain_stderr()
             log.warning("sandbox worker %d died: %s (stderr: %s)", self.slot, exc,
                         self.stderr_tail.decode(errors="replace")[-500:])
-            prog = None
-            if self.progress is not None and self.inflight:
-                jid = _PROGRESS.unpack_from(self.progress, 0)[0]
-                if jid == self.inflight[0].jid:
-                    prog = _PROGRESS.unpack_from(self.progress, 8)[0]
+            page = self._page()
             self.kill()
             runs, self.inflight = self.inflight, []
             for i, run in enumerate(runs):
                 if i == 0 and run.started:
-                    if run.timed_out_at is None and prog is not None:
-                        run.last_prog = (run.jid, prog)
-                    rest = self._finish(run, {"t": "exit", "worker": str(exc)})
+                    if run.cur is not None and run.timed_out_at is None and page is not None and page[0] == run.jid:
+                        run.last_prog = (run.cur, page[1])
+                    retry += self._finish_run(run, {"t": "exit", "worker": str(exc)}, page_ok=False)
                 else:
-                    rest = run.todo
-                if rest:
-                    retry.append((run.job, rest))
+                    retry.append(run.job.sub(list(range(run.next_fn, len(run.job.funcs)))) if run.next_fn else run.job)
         return retry
 
     def _on_result(self, run: _Run, payload: bytes, now: float) -> None:
@@ -619,62 +651,95 @@ class _Worker:
                 run.compile_err = _short(str(m["c"]), sb.max_detail_chars)
                 return
             s, codes, det = m["s"], m["o"], m.get("d") or {}
-            if type(s) is not int or s != len(run.got) or not isinstance(codes, str) or not isinstance(det, dict):
+            if type(s) is not int or s != run.got or type(codes) is not str or not isinstance(det, dict):
                 raise ValueError("out-of-order results")
-            if len(run.got) + len(codes) > len(run.todo):
+            if run.compile_err is not None:
+                raise ValueError("results after a compile error")
+            job = run.job
+            if s + len(codes) > len(job.inputs):
                 raise ValueError("too many results")
-            for k, c in enumerate(codes):
-                if c not in _CODE or c == _worker.COMPILE:
-                    raise ValueError(f"bad outcome code {c[:5]!r}")
-                d = det.get(str(k))
-                run.got.append((c, _short(str(d), sb.max_detail_chars) if d is not None else ""))
+            if not _VALID_CODES.issuperset(codes):
+                raise ValueError(f"bad outcome code in {codes[:20]!r}")
+            fi = job.funcs[run.cur][0]
+            pos, inp, out = job.positions[run.cur], job.inputs, _CODE
+            items = [(pos[s + k], CallResult(fi, inp[s + k], out[c])) for k, c in enumerate(codes)]
+            for key, d in det.items():
+                k = int(key)
+                if not 0 <= k < len(codes):
+                    raise ValueError("detail for a call outside the message")
+                items[k] = (pos[s + k], CallResult(fi, inp[s + k], out[codes[k]], _short(str(d), sb.max_detail_chars)))
+            job.batch.set_many(items)
+            run.got = s + len(codes)
         except (ValueError, KeyError, TypeError) as exc:
             run.violation = _short(str(exc), 200)
             if run.kill_sent_at is None:
+                run.kill_fn = run.cur
                 self._send_kill(run, now)
 
-    def _finish(self, run: _Run, m: dict) -> list[tuple[int, int]]:
-        """Settle a run that ended; return the calls that still need a run."""
+    def _finish_run(self, run: _Run, m: dict, page_ok: bool = True) -> list[_Job]:
+        """Settle a run whose job runner ended; return the jobs that still need a run."""
+        retry: list[_Job] = []
+        job = run.job
+        if run.cur is not None:  # the job runner died with a child running (killed by the watchdog?)
+            retry += self._finish_fn(run, m, page_ok=page_ok)
+            run.cur = None
+        rest = list(range(run.next_fn, len(job.funcs)))
+        if not rest:
+            return retry
+        if run.kill_sent_at is None or m.get("worker") or run.kill_fn is None:
+            # the job runner itself failed before starting these functions: charge the first one so
+            # that every run makes progress, retry the others
+            fi = job.funcs[rest[0]][0]
+            detail = "job runner failed: " + _exit_detail(m, self.sb.max_output_chars)
+            job.batch.set_many([(p, CallResult(fi, ii, Outcome.killed, _short(detail)))
+                                for p, ii in zip(job.positions[rest[0]], job.inputs)])
+            rest = rest[1:]
+        if rest:
+            retry.append(job.sub(rest))
+        return retry
+
+    def _finish_fn(self, run: _Run, m: dict, page_ok: bool = False) -> list[_Job]:
+        """Settle the current function of a run after its child ended; return what must run again."""
         sb = self.sb
-        job, todo, got = run.job, run.todo, run.got
-        batch, fi = job.batch, job.func_index
-        batch.set_many([(pos, CallResult(fi, ii, _CODE[c], d)) for (pos, ii), (c, d) in zip(todo, got)])
-        rest_i = len(got)
+        job, fl = run.job, run.cur
+        fi = job.funcs[fl][0]
+        pos, inputs, batch = job.positions[fl], job.inputs, job.batch
+        n, got = len(inputs), run.got
         if run.violation is not None:
-            for pos, ii in todo[rest_i:]:
-                batch.set(pos, CallResult(fi, ii, Outcome.killed, _short(f"protocol violation: {run.violation}")))
+            detail = _short(f"protocol violation: {run.violation}")
+            batch.set_many([(pos[k], CallResult(fi, inputs[k], Outcome.killed, detail)) for k in range(got, n)])
             return []
         if run.compile_err is not None:
             batch.func_dead[fi] = (Outcome.compile_error, run.compile_err)
-            for pos, ii in todo:
-                batch.set(pos, CallResult(fi, ii, Outcome.compile_error, run.compile_err))
+            batch.set_many([(pos[k], CallResult(fi, inputs[k], Outcome.compile_error, run.compile_err))
+                            for k in range(n)])
             return []
-        if rest_i >= len(todo):
+        if got >= n:
             return []
         # the child ended early: which call was running?
-        if run.timed_out_at is not None:
-            prog = run.timed_out_at
-        elif run.last_prog[0] == run.jid:
+        ours = run.kill_sent_at is not None and run.kill_fn == fl
+        if run.kill_sent_at is not None and not ours:
+            # a kill meant for an earlier function of the job arrived late: not this function's fault
+            return [job.sub([fl], list(range(got, n)))]
+        if ours:
+            prog = run.timed_out_at if run.timed_out_at is not None else got
+        elif type(m.get("k")) is int:
+            prog = m["k"]  # read by the job runner right after the child ended
+        elif page_ok and self._page() is not None and self._page()[0] == run.jid:
+            prog = self._page()[1]
+        elif run.last_prog[0] == fl:
             prog = run.last_prog[1]
-            if self.progress is not None:
-                jid = _PROGRESS.unpack_from(self.progress, 0)[0]
-                if jid == run.jid:
-                    prog = _PROGRESS.unpack_from(self.progress, 8)[0]
-        elif self.progress is not None and _PROGRESS.unpack_from(self.progress, 0)[0] == run.jid:
-            prog = _PROGRESS.unpack_from(self.progress, 8)[0]
         else:
-            prog = rest_i
+            prog = got
         in_setup = prog < 0
-        k = prog if rest_i <= prog < len(todo) else rest_i
-        pos, ii = todo[k]
-        if run.timed_out_at is not None:
+        k = prog if got <= prog < n else got
+        if ours:
             if in_setup:
                 detail = f"module code or setup exceeded {sb.timeout_s:g}s"
                 batch.func_dead[fi] = (Outcome.timeout, detail)
-                for p2, i2 in todo[rest_i:]:
-                    batch.set(p2, CallResult(fi, i2, Outcome.timeout, detail))
+                batch.set_many([(pos[j], CallResult(fi, inputs[j], Outcome.timeout, detail)) for j in range(got, n)])
                 return []
-            batch.set(pos, CallResult(fi, ii, Outcome.timeout, f"exceeded {sb.timeout_s:g}s"))
+            batch.set(pos[k], CallResult(fi, inputs[k], Outcome.timeout, f"exceeded {sb.timeout_s:g}s"))
             with batch.lock:
                 batch.func_timeouts[fi] += 1
                 n_to = batch.func_timeouts[fi]
@@ -686,11 +751,11 @@ class _Worker:
             if in_setup:
                 detail = "while defining evaluate: " + detail
                 batch.func_dead[fi] = (Outcome.killed, detail)
-                for p2, i2 in todo[rest_i:]:
-                    batch.set(p2, CallResult(fi, i2, Outcome.killed, detail))
+                batch.set_many([(pos[j], CallResult(fi, inputs[j], Outcome.killed, detail)) for j in range(got, n)])
                 return []
-            batch.set(pos, CallResult(fi, ii, Outcome.killed, detail))
-        return [c for i, c in enumerate(todo) if i >= rest_i and i != k]
+            batch.set(pos[k], CallResult(fi, inputs[k], Outcome.killed, detail))
+        rest = [j for j in range(got, n) if j != k]
+        return [job.sub([fl], rest)] if rest else []
 
 
 def _children(pid: int) -> list[int]:
@@ -759,7 +824,7 @@ class Sandbox:
         *,
         max_detail_chars: int = 300,
         max_timeouts_per_func: int | None = 3,
-        max_job_calls: int = 1024,
+        max_job_calls: int = 8192,
         max_job_bytes: int = 64 * 1024 * 1024,
         max_file_bytes: int = 1024 * 1024,
         max_open_files: int = 64,
@@ -868,14 +933,14 @@ class Sandbox:
             return
         finally:
             ready.set()
-        local: list[tuple[_Job, list[tuple[int, int]]]] = []  # retries stay on this slot, first
+        local: list[_Job] = []  # retries stay on this slot, first
         stopping = False
         while True:
             try:
                 # keep one job running and one queued in the worker (hides the round trip)
                 while not stopping and len(w.inflight) < 2 and not any(len(b) > 4096 for b in w.wbuf):
                     if local:
-                        job, todo = local.pop(0)
+                        job = local.pop(0)
                     else:
                         try:
                             job = self._queue.get(block=not w.inflight)
@@ -884,37 +949,42 @@ class Sandbox:
                         if job is None:
                             stopping = True
                             break
-                        todo = job.calls
-                    todo = self._settle_dead(job, todo)
-                    if todo:
-                        w.submit(job, todo)
+                    job = self._settle_dead(job)
+                    if job is not None:
+                        w.submit(job)
                 if not w.inflight:
                     if stopping:
                         return
                     continue
-                retry = w.service()
-                local[:0] = retry
+                local[:0] = w.service()
             except BaseException as exc:  # noqa: BLE001 - surfaced to the callers of run()
                 log.exception("sandbox worker %d failed", w.slot)
                 runs, w.inflight = w.inflight, []
                 w.kill()
                 for run in runs:
                     run.job.batch.fail(exc)
-                for job, _todo in local:
+                for job in local:
                     job.batch.fail(exc)
                 local = []
 
     @staticmethod
-    def _settle_dead(job: _Job, todo: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _settle_dead(job: _Job) -> _Job | None:
+        """Drop (and settle) the functions of a job that are already known to be dead."""
         batch = job.batch
         if batch.error is not None or batch.done.is_set():
-            return []
-        dead = batch.func_dead.get(job.func_index)
-        if dead is None:
-            return todo
-        for pos, ii in todo:
-            batch.set(pos, CallResult(job.func_index, ii, dead[0], dead[1]))
-        return []
+            return None
+        if not batch.func_dead:
+            return job
+        keep = []
+        for f, (fi, _src) in enumerate(job.funcs):
+            dead = batch.func_dead.get(fi)
+            if dead is None:
+                keep.append(f)
+            else:
+                batch.set_many([(p, CallResult(fi, ii, dead[0], dead[1])) for p, ii in zip(job.positions[f], job.inputs)])
+        if not keep:
+            return None
+        return job if len(keep) == len(job.funcs) else job.sub(keep)
 
     def run(
         self,
@@ -946,32 +1016,70 @@ class Sandbox:
             return []
         if self.isolation is Isolation.none:
             return self._run_inprocess(funcs, inputs, pairs_l)
-        by_func: dict[int, list[tuple[int, int]]] = {}
-        for pos, (i, j) in enumerate(pairs_l):
-            by_func.setdefault(i, []).append((pos, j))
-        enc: list[bytes] = [b""] * len(inputs)
-        for j in {j for _, j in pairs_l}:
-            enc[j] = json.dumps(inputs[j]).encode()
-        biggest_src = max((len(json.dumps(funcs[i])) for i in by_func), default=0)
-        biggest_inp = max((len(enc[j]) for _, j in pairs_l), default=0)
-        if biggest_src + biggest_inp + 64 > self.max_job_bytes:
-            raise ValueError(f"a function plus one input exceeds max_job_bytes={self.max_job_bytes}")
-        # chunks small enough to balance the pool, large enough to amortise the fork per job
-        chunk = max(min(32, self.max_job_calls), min(self.max_job_calls, math.ceil(len(pairs_l) / (self.workers * 2))))
-        jobs = []
-        for i, calls in by_func.items():
-            src = funcs[i]
-            for k in range(0, len(calls), chunk):
-                jobs.append(_Job(batch, i, src if isinstance(src, str) else None, calls[k:k + chunk], enc))
-        jobs.sort(key=lambda jb: -len(jb.calls))  # big first: better tail balance
-        for jb in jobs:
-            self._queue.put(jb)
+        for job in self._plan(batch, funcs, inputs, pairs_l):
+            self._queue.put(job)
         while not batch.done.wait(0.5):
             if self._closed:
                 batch.fail(SandboxError("sandbox closed during run"))
         if batch.error is not None:
             raise SandboxError(f"sandbox run failed: {batch.error}") from batch.error
         return batch.results  # type: ignore[return-value]
+
+    def _plan(self, batch: _Batch, funcs: list, inputs: list[str], pairs_l: list[tuple[int, int]]) -> list[_Job]:
+        """Cut the calls into jobs: each function's inputs in chunks, then the functions that have
+        exactly the same chunk of inputs grouped, several per job (one decode of the inputs and
+        one message per job; still one fresh process per function)."""
+        by_func: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, (i, j) in enumerate(pairs_l):
+            e = by_func.get(i)
+            if e is None:
+                e = by_func[i] = ([], [])
+            e[0].append(pos)
+            e[1].append(j)
+        enc: list[bytes] = [b""] * len(inputs)
+        for j in {j for _, j in pairs_l}:
+            enc[j] = json.dumps(inputs[j]).encode()
+        src_enc = {i: len(json.dumps(funcs[i])) if isinstance(funcs[i], str) else 4 for i in by_func}
+        biggest_src = max(src_enc.values(), default=0)
+        biggest_inp = max((len(enc[j]) for _, j in pairs_l), default=0)
+        limit = self.max_job_bytes - 64
+        if biggest_src + biggest_inp > limit:
+            raise ValueError(f"a function plus one input exceeds max_job_bytes={self.max_job_bytes}")
+        # jobs small enough to balance the pool, large enough to amortise the per-job costs
+        per_job = max(min(32, self.max_job_calls),
+                      min(self.max_job_calls, math.ceil(len(pairs_l) / (self.workers * 12))))
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for fi, (pos, ins) in by_func.items():
+            k = 0
+            while k < len(ins):  # chunks of at most per_job calls and about half the byte limit
+                size, e = src_enc[fi], k
+                while e < len(ins) and e - k < per_job and (e == k or size + len(enc[ins[e]]) + 1 <= limit // 2):
+                    size += len(enc[ins[e]]) + 1
+                    e += 1
+                groups.setdefault(tuple(ins[k:e]), []).append((fi, pos[k:e]))
+                k = e
+        jobs: list[_Job] = []
+        for key, members in groups.items():
+            ins = list(key)
+            in_bytes = sum(len(enc[j]) + 1 for j in ins)
+            cap = max(1, per_job // len(ins))
+            cur: list[tuple[int, list[int]]] = []
+            size = in_bytes
+            for fi, pos in members:
+                if cur and (len(cur) >= cap or size + src_enc[fi] + 1 > limit):
+                    jobs.append(self._job(batch, funcs, cur, ins, enc))
+                    cur, size = [], in_bytes
+                cur.append((fi, pos))
+                size += src_enc[fi] + 1
+            if cur:
+                jobs.append(self._job(batch, funcs, cur, ins, enc))
+        jobs.sort(key=lambda jb: -jb.n_calls)  # big first: better tail balance
+        return jobs
+
+    @staticmethod
+    def _job(batch: _Batch, funcs: list, members: list[tuple[int, list[int]]], ins: list[int], enc: list[bytes]) -> _Job:
+        return _Job(batch, [(fi, funcs[fi] if isinstance(funcs[fi], str) else None) for fi, _ in members],
+                    [pos for _, pos in members], ins, enc)
 
     def _run_inprocess(self, funcs: list[str], inputs: list[str], pairs: list[tuple[int, int]]) -> list[CallResult]:
         if self._safe_builtins is None:
