@@ -124,8 +124,8 @@ def show(
         df = df[df["reason"].notna()]
     console = Console()
     console.print(f"[bold]{uri}[/bold]  rows={len(df)}")
-    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
-        console.print(df.head(n).to_string())
+    with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.max_columns", 50):
+        typer.echo(df.head(n).to_string())
 
 
 # Further command groups register here (evaluation, training) without importing their heavy modules.

@@ -120,6 +120,9 @@ class SelfInstructConfig(_Model):
     minhash_perms: int = Field(64, ge=4)  # MinHash signature length
     minhash_bands: int = Field(16, ge=1)  # LSH bands (perms / bands rows each); candidates are re-checked exactly
     batch_size: int = Field(1000, ge=1)
+    # keep at most N instructions (seeds first, then new ones in the order written); the rest are dropped
+    # as "over_limit". None = all. For smoke runs and the embedded default on a small CPU model.
+    max_instructions: int | None = Field(None, ge=1)
 
 
 class VerifierSynthesisConfig(_Model):

@@ -105,6 +105,7 @@ class Tracker:
             sample = pd.DataFrame({c: [] for c in manifest.columns})
         with warnings.catch_warnings():  # MLflow registers two local-artifact source classes and warns it picked one
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # a sample, not a model signature
             ds = mlflow.data.from_pandas(sample, source=manifest.uri, name=manifest.step, digest=manifest.digest[:32])
         for target in (rid, parent_run_id):
             self.client.log_inputs(target, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", manifest.step)])])

@@ -203,4 +203,8 @@ def self_instruct(seeds: pd.DataFrame, llm: LLM, cfg: SelfInstructConfig, seed: 
                          "family": "augmented", "source": "self_instruct", "duplicate_of": dup, "reason": reason})
             if reason is None:
                 seen.add(iid)
-    return pd.DataFrame(rows, columns=["instruction_id", "instruction", "family", "source", "duplicate_of", "reason"])
+    out = pd.DataFrame(rows, columns=["instruction_id", "instruction", "family", "source", "duplicate_of", "reason"])
+    if cfg.max_instructions is not None:
+        kept = out.index[out["reason"].isna()]
+        out.loc[kept[cfg.max_instructions:], "reason"] = "over_limit"
+    return out

@@ -82,3 +82,17 @@ def test_prefect_artifacts_show_the_funnel(prefect_harness, make_cfg):
     assert {a.key for a in arts} >= {"art-self-instruct", "art-instructions-funnel"}
     md = next(a for a in arts if a.key == "art-instructions-funnel").data
     assert "| self_instruct | 40 | 40 | 0 |" in md
+
+
+def test_max_instructions_drops_the_rest_as_over_limit():
+    from autoif.config import load_config
+    from autoif.llm.scripted import ScriptedLLM
+    from autoif.tasks.instructions import self_instruct
+
+    cfg = load_config(overrides={"self_instruct.n_calls": 3, "self_instruct.max_instructions": 41})
+    seeds = read_seeds(seeds_path(cfg.self_instruct))
+    llm = ScriptedLLM.from_records(script_for(cfg))
+    out = self_instruct.pure(seeds=seeds, llm=llm, cfg=cfg.self_instruct, seed=0)
+    kept = out[out.reason.isna()]
+    assert len(kept) == 41 and kept.instruction.iloc[-1] == "Answer with exactly 7 words."
+    assert out[out.reason == "over_limit"].instruction.tolist() == ["Use exactly two hashtags in your response."]

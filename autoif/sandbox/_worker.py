@@ -259,6 +259,45 @@ def build_seccomp_filter():
     return f
 
 
+def _compile_bpf_elsewhere() -> tuple[int, bytes]:
+    """(seccomp syscall number or -1, BPF program) computed by a short-lived child process."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            sfilter = build_seccomp_filter()
+            efd = os.memfd_create("bpf")
+            with os.fdopen(efd, "w+b") as fh:
+                sfilter.export_bpf(fh)
+                fh.seek(0)
+                bpf = fh.read()
+            try:
+                import pyseccomp as _sc
+
+                nr = int(_sc.resolve_syscall(_sc.system_arch(), "seccomp"))
+            except Exception:
+                nr = -1
+            _write_all(w, struct.pack("<q", nr) + bpf)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        c = os.read(r, 1 << 16)
+        if not c:
+            break
+        chunks.append(c)
+    os.close(r)
+    _, st = os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    if st != 0 or len(data) < 8:
+        raise RuntimeError("building the seccomp filter failed (pyseccomp/libseccomp missing or broken?)")
+    return struct.unpack("<q", data[:8])[0], data[8:]
+
+
 # --------------------------------------------------------------------------------------- zygote
 def _libc():
     import ctypes
@@ -378,24 +417,18 @@ class _Zygote:
                 failed.append(f"{name}: {describe_exception(exc, 120)}")
         info["import_failures"] = failed
         safe_builtins = make_builtins(allowed)
+        purity = None
+        if int(cfg.get("max_functions_per_child", 1)) > 1:
+            _pm = _load_purity()
+            purity = (_pm.Policy(allowed), _pm)
 
         # 2. seccomp: compile the filter to BPF once; each child installs it with one prctl
         fprog = None
         if cfg["seccomp"]:
             try:
-                sfilter = build_seccomp_filter()
-                efd = os.memfd_create("bpf")
-                with os.fdopen(efd, "w+b") as fh:
-                    sfilter.export_bpf(fh)
-                    fh.seek(0)
-                    bpf = fh.read()
-                del sfilter
-                try:
-                    import pyseccomp as _sc
-
-                    fprog_nr = int(_sc.resolve_syscall(_sc.system_arch(), "seccomp"))
-                except Exception:
-                    fprog_nr = -1
+                # built in a throwaway process: pyseccomp and libseccomp stay out of the zygote, whose
+                # size is what every fork copies and every child's exit tears down
+                fprog_nr, bpf = _compile_bpf_elsewhere()
                 if not bpf or len(bpf) % 8:
                     raise ValueError("empty or malformed BPF program")
 
@@ -485,7 +518,8 @@ class _Zygote:
                     os.close(r)
                     os.dup2(w, 1)
                     os.close(w)
-                    _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars, max_line)
+                    _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars, max_line,
+                                purity)
                 finally:
                     _exit(70)
             os.close(w)
@@ -583,15 +617,34 @@ def zygote(cfg: dict) -> None:
     _Zygote(cfg).run()
 
 
-def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars, max_line):
-    """One job = several functions x the same inputs (every function of a job is paired with every
-    input of it). Trusted code: decodes the job once, then forks one fresh child per function, so a
-    function only ever starts from the zygote's pristine state. Each child gets its own result pipe,
-    created after the previous child is gone, so a function can only report its own results.
+def _load_purity():
+    try:
+        from . import _purity  # imported as part of the package
+    except ImportError:  # run as a script (the worker): load the sibling file by path
+        import importlib.util
 
-    Writes to fd 1 (a pipe to the zygote): ``{"t":"fs","i":I}`` before function I's child starts,
-    ``r <line>`` for each line that child wrote, ``{"t":"fe","i":I,...}`` after it exited and its
-    pipe was drained.
+        spec = importlib.util.spec_from_file_location(
+            "autoif_sandbox_purity", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_purity.py"))
+        _purity = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_purity)
+    return _purity
+
+
+def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, detail_chars, max_line, purity):
+    """One job = several functions x the same inputs (every function of a job is paired with every
+    input of it). Trusted code: decodes the job once, then forks children that run its functions
+    in order. Every child starts from the zygote's pristine state and gets its own result pipe,
+    created after the previous child is gone.
+
+    A child runs several functions in a row only while the functions before the last one pass the
+    static purity check (``_purity.Policy.is_pure``, done here, before the fork) and the child's
+    own check that nothing changed (``_purity.unchanged``); the first function that does not pass
+    runs last in its child and the next function gets a fresh fork. Pure code cannot write to any
+    file descriptor, so all it can send is its own results; the one function of a child that may
+    not be pure is its last one, and a "next function" marker from it is a protocol violation.
+
+    Writes to fd 1 (a pipe to the zygote): ``{"t":"fs","i":I,"new":B}`` when function I starts
+    (B: in a fresh child), ``r <line>`` for each result line, ``{"t":"fe","i":I,...}`` after it ended.
     """
     import gc
 
@@ -606,12 +659,27 @@ def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, de
     del job
     if type(srcs) is not list or type(inputs) is not list or any(type(x) is not str for x in inputs):  # noqa: E721
         _exit(73)
+    nf = len(srcs)
+    max_run = int(cfg.get("max_functions_per_child", 1))
+    policy = purity[0] if purity is not None and max_run > 1 else None
+    pure = [policy.is_pure(s) for s in srcs[:-1]] + [False] if policy is not None and nf > 1 else [False] * nf
     gc.freeze()  # the decoded job is shared, untouched by the children's collections
     me = os.getpid()
     write_all, pack_into, unpack_from = _write_all, _PROGRESS.pack_into, _PROGRESS.unpack_from
-    for i, src in enumerate(srcs):
+
+    def fe(i: int, st: int | None, bad: bool = False, overflow: bool = False) -> bytes:
+        code = b"0" if st is None else (b"%d" % os.WEXITSTATUS(st) if os.WIFEXITED(st) else b"null")
+        sig = b"%d" % os.WTERMSIG(st) if st is not None and os.WIFSIGNALED(st) else b"null"
+        return b'{"t":"fe","i":%d,"k":%d,"code":%s,"sig":%s,"overflow":%s,"bad":%s}\n' % (
+            i, unpack_from(progress, 8)[0], code, sig, b"true" if overflow else b"false", b"true" if bad else b"false")
+
+    i = 0
+    while i < nf:
+        last = i  # this child may run functions i..last: pure ones, then one that may not be
+        while last < nf - 1 and pure[last] and last - i + 1 < max_run:
+            last += 1
         pack_into(progress, 8, PHASE_SETUP)
-        write_all(1, b'{"t":"fs","i":%d}\n' % i)
+        write_all(1, b'{"t":"fs","i":%d,"new":true}\n' % i)
         r, w = os.pipe()
         pid = _fork_retry()
         if pid == 0:
@@ -619,27 +687,41 @@ def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, de
                 os.close(r)
                 os.dup2(w, 1)
                 os.close(w)
-                _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, me, detail_chars)
+                _child(srcs[i:last + 1], inputs, cfg, fprog, safe_builtins, progress, libc, me, detail_chars,
+                       purity)
             finally:
                 _exit(70)
         os.close(w)
+        cur = i
         buf = bytearray()
-        overflow = False
+        overflow = bad = False
         while True:
             chunk = os.read(r, 1 << 20)
             if not chunk:
                 break  # the child is the only writer: EOF means it exited (or closed its stdout)
-            if overflow:
+            if overflow or bad:
                 continue
             buf += chunk
             if b"\n" in chunk:
                 *lines, rest = buf.split(b"\n")
                 buf = bytearray(rest)
-                out = b"".join(b"r " + ln + b"\n" for ln in lines if ln)
+                out = []
+                for ln in lines:
+                    if ln == b"N":  # the child finished function `cur` and goes on with the next
+                        if cur >= last:
+                            bad = True
+                            break
+                        if out:
+                            write_all(1, b"".join(out))
+                            out = []
+                        write_all(1, fe(cur, None) + b'{"t":"fs","i":%d,"new":false}\n' % (cur + 1))
+                        cur += 1
+                    elif ln:
+                        out.append(b"r " + ln + b"\n")
                 if out:
-                    write_all(1, out)
-            if len(buf) > max_line:
-                overflow = True
+                    write_all(1, b"".join(out))
+            if bad or len(buf) > max_line:
+                overflow = not bad
                 buf = bytearray()
                 try:
                     os.kill(pid, 9)
@@ -647,26 +729,21 @@ def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, de
                     pass
         os.close(r)
         _, st = os.waitpid(pid, 0)
-        k = unpack_from(progress, 8)[0]
-        msg = b'{"t":"fe","i":%d,"k":%d,"code":%s,"sig":%s,"overflow":%s}\n' % (
-            i, k,
-            b"%d" % os.WEXITSTATUS(st) if os.WIFEXITED(st) else b"null",
-            b"%d" % os.WTERMSIG(st) if os.WIFSIGNALED(st) else b"null",
-            b"true" if overflow else b"false",
-        )
-        write_all(1, msg)
+        write_all(1, fe(cur, st, bad, overflow))
+        i = cur + 1
     _exit(0)
 
 
-def _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, detail_chars):
+def _child(srcs, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, detail_chars, purity):
     import ctypes
+    import gc
     import resource
 
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(71)
     n = len(inputs)
-    cpu = int(float(cfg["timeout_s"]) * (n + 1)) + 2
+    cpu = int(float(cfg["timeout_s"]) * (n + 1) * len(srcs)) + 2
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
     if fprog is not None:
         # SECCOMP_FILTER_FLAG_SPEC_ALLOW: without it the kernel also turns on the Speculative Store
@@ -677,20 +754,40 @@ def _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, d
             os._exit(72)  # never run untrusted code without the filter that was asked for
     sys.stdout = sys.stderr = _Sink()
     sys.stdin = None
-    set_progress = _PROGRESS.pack_into
-    write, exit_, result_line, jstr = _os_write, _exit, _result_line, _jstr
+    write, exit_ = _os_write, _exit
 
     def emit(data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[write(1, view):]
 
+    snap = template = None
+    if len(srcs) > 1:
+        snap = purity[1].snapshot(cfg["allowed_modules"])
+        template = dict(safe_builtins)
+    for idx, src in enumerate(srcs):
+        if idx:
+            # the previous function was statically pure; make sure anyway that it changed nothing
+            gc.collect()
+            if not (purity[1].unchanged(snap) and safe_builtins == template):
+                exit_(0)  # the job runner starts the next function in a fresh child
+            _PROGRESS.pack_into(progress, 8, PHASE_SETUP)
+            emit(b"N\n")
+        _run_function(src, list(inputs), cfg, safe_builtins, progress, detail_chars, emit)
+        src = None
+    exit_(0)
+
+
+def _run_function(src, inputs, cfg, safe_builtins, progress, detail_chars, emit):
+    set_progress = _PROGRESS.pack_into
+    result_line, jstr = _result_line, _jstr
     fn, err = compile_function(src, safe_builtins, detail_chars)
     del src
     if fn is None:
         emit(('{"c":' + jstr(err) + "}\n").encode("utf-8", "replace"))
-        exit_(0)
+        return
 
+    n = len(inputs)
     codes: list[str] = []
     details: dict[str, str] = {}
     start = 0
@@ -721,7 +818,7 @@ def _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, d
                 if d:
                     details[str(k - start)] = d
                     pending += len(d) + 16
-        del inp
+        inp = v = None
         pending += 1
         if pending > max_pending or now() - last_flush > flush_every:
             emit(result_line(start, "".join(codes), details))
@@ -732,7 +829,6 @@ def _child(src, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, d
             last_flush = now()
     set_progress(progress, 8, n)
     emit(result_line(start, "".join(codes), details, n))
-    exit_(0)
 
 
 def main() -> None:

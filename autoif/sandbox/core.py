@@ -334,6 +334,7 @@ class _Worker:
         self.inflight: list[_Run] = []
         self.wbuf: list[memoryview] = []
         self.next_jid = 1
+        self.stats = {"fresh": 0, "reused": 0}  # functions started in a fresh / a reused child
 
     # -- lifecycle
     def start(self) -> None:
@@ -356,6 +357,7 @@ class _Worker:
             "flush_interval_s": sb.flush_interval_s,
             "max_job_bytes": sb.max_job_bytes,
             "max_output_chars": sb.max_output_chars,
+            "max_functions_per_child": sb.max_functions_per_child,
             "parent_pid": os.getpid(),
             "in_bwrap": sb.isolation in (Isolation.bwrap_seccomp, Isolation.bwrap),
         }
@@ -574,6 +576,7 @@ class _Worker:
                         raise _WorkerDied("unexpected function start")
                     head.cur = head.next_fn
                     head.next_fn += 1
+                    self.stats["fresh" if m.get("new", True) else "reused"] += 1
                     head.got = 0
                     head.compile_err = None
                     head.last_prog = (-1, -99)
@@ -788,6 +791,8 @@ def _exit_detail(m: dict | None, max_output: int = 0) -> str:
         return "worker process died"
     if m.get("worker"):
         return _short("worker process died: " + m["worker"])
+    if m.get("bad"):
+        return "protocol violation: a function announced another function's start"
     if m.get("overflow"):
         return f"output over the {max_output}-byte limit"
     if m.get("sig") is not None:
@@ -833,6 +838,7 @@ class Sandbox:
         uid: int = 65534,
         gid: int = 65534,
         flush_interval_s: float = 0.05,
+        max_functions_per_child: int = 64,
         startup_timeout_s: float = 30.0,
         kill_grace_s: float = 2.0,
     ):
@@ -856,6 +862,9 @@ class Sandbox:
         self.tmp_bytes = int(tmp_bytes)
         self.uid, self.gid = int(uid), int(gid)
         self.flush_interval_s = float(flush_interval_s)
+        # >1: a child may go on with the next function of its job after one that provably cannot
+        # leave state behind (static purity check + dynamic check, see _purity.py); 1: always fork
+        self.max_functions_per_child = max(1, int(max_functions_per_child))
         self.startup_timeout_s = float(startup_timeout_s)
         self.kill_grace_s = float(kill_grace_s)
         self.bwrap_path = _which_bwrap() or "bwrap"
@@ -902,6 +911,15 @@ class Sandbox:
     def worker_pids(self) -> list[int]:
         """Host pids of the worker processes (bwrap or zygote), for monitoring and tests."""
         return [w.proc.pid for w in self._workers if w.proc is not None]
+
+    @property
+    def child_stats(self) -> dict[str, int]:
+        """How many functions started in a fresh child and how many in a reused one."""
+        out = {"fresh": 0, "reused": 0}
+        for w in self._workers:
+            for k, v in w.stats.items():
+                out[k] += v
+        return out
 
     @property
     def worker_info(self) -> list[dict]:
