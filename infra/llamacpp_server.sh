@@ -28,8 +28,10 @@ TIMEOUT="${AUTOIF_SERVER_TIMEOUT:-300}"
 SERVED_NAME="${AUTOIF_LLAMACPP_SERVED_NAME:-gemma3-270m}"
 CONSTRAINTS="$REPO/constraints.txt"
 mkdir -p "$RUN"
-
-log() { echo "[llamacpp_server] $*" >&2; }
+NAME=llamacpp_server
+POLL=1
+# shellcheck source=infra/_server_lib.sh
+source "$HERE/_server_lib.sh"
 
 [[ -x "$PY" ]] || { log "python not found: $PY (create the project venv or set AUTOIF_PYTHON)"; exit 1; }
 
@@ -51,57 +53,15 @@ ensure_model() {
     "from autoif.llm.llamacpp import default_gguf_path; print(default_gguf_path())"
 }
 
-healthy() { curl -fsS -m 5 "http://$HOST:$PORT/v1/models" >/dev/null 2>&1; }
-alive() { [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+do_install() { ensure_installed; }
+do_model() { ensure_model; }
 
-do_stop() {
-  [[ -f "$PIDFILE" ]] || { log "not running"; return 0; }
-  local pid; pid="$(cat "$PIDFILE")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do
-      kill -0 -- "-$pid" 2>/dev/null || break
-      sleep 0.5
-    done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  rm -f "$PIDFILE"
-  log "stopped"
-}
-
-do_start() {
-  if alive && healthy; then echo "http://$HOST:$PORT/v1"; return 0; fi
-  alive && do_stop
-  if healthy; then log "port $PORT already serves something not started by this script"; exit 1; fi
-  ensure_installed
+launch() {
   local model; model="$(ensure_model)"
   log "starting llama.cpp server on $HOST:$PORT (model $model), log $LOG"
   setsid "$PY" -m llama_cpp.server --model "$model" --model_alias "$SERVED_NAME" \
     --host "$HOST" --port "$PORT" --n_ctx "${AUTOIF_LLAMACPP_N_CTX:-2048}" \
     ${AUTOIF_LLAMACPP_ARGS:-} >"$LOG" 2>&1 </dev/null &
-  echo $! >"$PIDFILE"
-  local start=$(date +%s)
-  until healthy; do
-    if ! alive; then
-      log "server exited during startup; last log lines:"; tail -n 40 "$LOG" >&2
-      rm -f "$PIDFILE"; exit 1
-    fi
-    if (( $(date +%s) - start > TIMEOUT )); then
-      log "not healthy after ${TIMEOUT}s; last log lines:"; tail -n 40 "$LOG" >&2
-      do_stop; exit 1
-    fi
-    sleep 1
-  done
-  log "healthy after $(( $(date +%s) - start )) s"
-  echo "http://$HOST:$PORT/v1"
 }
 
-case "${1:-}" in
-  install) ensure_installed ;;
-  model) ensure_model ;;
-  start) do_start ;;
-  stop) do_stop ;;
-  status)
-    if alive && healthy; then echo "http://$HOST:$PORT/v1"; else echo "not running" >&2; exit 1; fi ;;
-  *) echo "usage: $0 {install|model|start|stop|status}" >&2; exit 2 ;;
-esac
+server_main "$@"

@@ -30,8 +30,10 @@ REPO="$(dirname "$HERE")"
 MODEL_DIR="${AUTOIF_VLLM_MODEL:-$CACHE/models/tiny-qwen2}"
 SERVED_NAME="${AUTOIF_VLLM_SERVED_NAME:-tiny-qwen2}"
 mkdir -p "$RUN" "$CACHE/models"
-
-log() { echo "[vllm_server] $*" >&2; }
+NAME=vllm_server
+POLL=2
+# shellcheck source=infra/_server_lib.sh
+source "$HERE/_server_lib.sh"
 
 ensure_venv() {
   [[ -f "$VENV/.autoif-ok" ]] && return 0
@@ -65,23 +67,10 @@ ensure_model() {
     "$MODEL_DIR"
 }
 
-healthy() {
-  curl -fsS -m 5 "http://$HOST:$PORT/v1/models" >/dev/null 2>&1
-}
+do_install() { ensure_venv; echo "$VENV"; }
+do_model() { ensure_model; }
 
-alive() {
-  [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
-}
-
-do_start() {
-  if alive && healthy; then
-    echo "http://$HOST:$PORT/v1"; return 0
-  fi
-  alive && do_stop
-  if healthy; then
-    log "port $PORT already serves something not started by this script"; exit 1
-  fi
-  ensure_venv
+launch() {
   ensure_model >/dev/null
   log "starting vLLM on $HOST:$PORT (model $MODEL_DIR), log $LOG"
   # setsid: its own process group, so stop can take the engine core children too.
@@ -94,44 +83,6 @@ do_start() {
       --dtype float32 --max-model-len 1024 --max-num-seqs 16 --seed 0 \
       --structured-outputs-config '{"backend": "xgrammar", "disable_any_whitespace": true}' \
       ${AUTOIF_VLLM_ARGS:-} >"$LOG" 2>&1 < /dev/null &
-  echo $! >"$PIDFILE"
-  local start=$(date +%s)
-  until healthy; do
-    if ! alive; then
-      log "server exited during startup; last log lines:"; tail -n 40 "$LOG" >&2
-      rm -f "$PIDFILE"; exit 1
-    fi
-    if (( $(date +%s) - start > TIMEOUT )); then
-      log "not healthy after ${TIMEOUT}s; last log lines:"; tail -n 40 "$LOG" >&2
-      do_stop; exit 1
-    fi
-    sleep 2
-  done
-  log "healthy after $(( $(date +%s) - start )) s"
-  echo "http://$HOST:$PORT/v1"
 }
 
-do_stop() {
-  [[ -f "$PIDFILE" ]] || { log "not running"; return 0; }
-  local pid; pid="$(cat "$PIDFILE")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do
-      kill -0 -- "-$pid" 2>/dev/null || break
-      sleep 1
-    done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  rm -f "$PIDFILE"
-  log "stopped"
-}
-
-case "${1:-}" in
-  install) ensure_venv; echo "$VENV" ;;
-  model) ensure_model ;;
-  start) do_start ;;
-  stop) do_stop ;;
-  status)
-    if alive && healthy; then echo "http://$HOST:$PORT/v1"; else echo "not running" >&2; exit 1; fi ;;
-  *) echo "usage: $0 {install|model|start|stop|status}" >&2; exit 2 ;;
-esac
+server_main "$@"

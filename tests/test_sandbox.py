@@ -362,3 +362,131 @@ def test_worker_protocol_is_json_not_pickle():
     for mod in (w, core):
         src = open(mod.__file__).read()
         assert "import pickle" not in src and "pickle.loads" not in src and "marshal" not in src
+
+
+# ----------------------------------------------------------------------------------------- child reuse
+# A child goes on with the next function of its job only after a function that the static purity
+# check accepts (autoif/sandbox/_purity.py) and only if its dynamic check finds nothing changed;
+# otherwise the next function starts in a fresh child forked from the pristine zygote.
+PURE_A = "import re\n\ndef evaluate(r):\n    return re.search(r'a', r) is not None\n"
+PURE_B = "from collections import Counter\n\ndef evaluate(r):\n    return Counter(r).most_common(1)[0][1] >= 1\n"
+IMPURE = "import re\n\ndef evaluate(r):\n    re.search = lambda *a, **k: None\n    return True\n"
+
+
+def test_pure_functions_share_a_child_impure_ones_end_it():
+    with Sandbox(workers=1, timeout_s=2.0) as s:
+        res = s.run([PURE_A, PURE_B, IMPURE, PURE_A, PURE_B], ["abc"])
+        assert [r.value for r in res] == [True, True, True, True, True]
+        # child 1: PURE_A, PURE_B, IMPURE (last: not pure); child 2: PURE_A, PURE_B
+        assert s.child_stats == {"fresh": 2, "reused": 3}
+    with Sandbox(workers=1, timeout_s=2.0, max_functions_per_child=1) as s:
+        res = s.run([PURE_A, PURE_B, PURE_A], ["abc"])
+        assert [r.value for r in res] == [True, True, True]
+        assert s.child_stats == {"fresh": 3, "reused": 0}
+
+
+def test_only_functions_with_the_same_inputs_share_a_child():
+    with Sandbox(workers=1, timeout_s=2.0) as s:
+        res = s.run([PURE_A, PURE_B], ["abc", "xyz"], pairs=[(0, 0), (1, 1), (0, 1), (1, 0)])
+        assert [r.value for r in res] == [True, True, False, True]
+        assert s.child_stats["reused"] == 0  # input lists differ: separate jobs, fresh children
+
+
+def test_dynamic_check_falls_back_to_a_fresh_child():
+    """`random` declared stateless for this test only: a function that seeds it passes the static
+    check but changes the random state; the dynamic check must catch that, so the next function
+    starts in a fresh child (where `random` is reseeded at fork) and never sees the planted seed."""
+    import random
+
+    plant = "import random\n\ndef evaluate(r):\n    random.seed(7)\n    return True\n"
+    probe = "import random\n\ndef evaluate(r):\n    return 'x' + repr(random.random())\n"  # invalid_return: value in detail
+    planted = repr(random.Random(7).random())  # what a probe would see in the planting child
+    with Sandbox(workers=1, timeout_s=2.0, _extra_pure_modules=("random",)) as s:
+        res = s.run([plant, probe, plant, probe], ["a"])
+        assert [r.outcome for r in res] == [Outcome.passed, Outcome.invalid_return] * 2
+        assert planted not in res[1].detail and planted not in res[3].detail
+        # each probe started in a fresh child although the function before it passed the static check
+        assert s.child_stats == {"fresh": 4, "reused": 0}
+        # control: after a function that leaves the random state alone the child is reused
+        res = s.run([PURE_A, probe], ["a"])
+        assert res[1].outcome is Outcome.invalid_return and s.child_stats == {"fresh": 5, "reused": 1}
+
+
+def test_purity_check_rejects_escapes():
+    import importlib
+
+    from autoif.sandbox import _purity
+
+    for m in core.DEFAULT_ALLOWED_MODULES:
+        importlib.import_module(m)
+    policy = _purity.Policy(core.DEFAULT_ALLOWED_MODULES)
+    pure = [
+        PURE_A, PURE_B,
+        "import json\n\ndef evaluate(response):\n    try:\n        json.loads(response)\n    except ValueError:\n        return False\n    return True\n",
+        "WORDS = ['a', 'b']\n\ndef _w(t):\n    return [x for x in t.split() if x]\n\ndef evaluate(r):\n    return not any(w in r.lower() for w in WORDS) and len(_w(r)) < 9\n",
+        "import unicodedata, string\n\ndef evaluate(r):\n    return sum(1 for c in r if c in string.punctuation or 'LATIN' in unicodedata.name(c, '')) > 0\n",
+    ]
+    impure = [
+        IMPURE,
+        "def evaluate(r):\n    return getattr(r, 'upper')()\n",
+        "def evaluate(r):\n    return ().__class__.__base__.__subclasses__()\n",
+        "def evaluate(r):\n    __builtins__['len'] = None\n",
+        "def evaluate(r):\n    g = (x for x in r)\n    return g.gi_frame.f_back.f_globals\n",
+        "import operator\n\ndef evaluate(r):\n    return operator.attrgetter('__class__')(r)\n",
+        "import string\n\ndef evaluate(r):\n    return string.Formatter().get_field('0.__class__', [r], {})\n",
+        "import re\nx = re\n\ndef evaluate(r):\n    return x.purge()\n",
+        "def evaluate(r):\n    match r:\n        case str(upper=u):\n            return True\n",
+        "class A:\n    pass\n\ndef evaluate(r):\n    return True\n",
+        "import random\n\ndef evaluate(r):\n    return True\n",
+        "import collections\n\ndef evaluate(r):\n    collections.Counter.most_common = None\n",
+        "import keyword\n\ndef evaluate(r):\n    keyword.kwlist.append('x')\n",
+        "import decimal\n\ndef evaluate(r):\n    decimal.getcontext().prec = 2\n",
+        "import functools, re\n\ndef evaluate(r):\n    functools.update_wrapper(re.search, len)\n",
+        "def evaluate(r):\n    return type(r)\n",
+        "def evaluate(r):\n    yield r\n",
+        "def evaluate(r:\n",
+        "from json import *\n\ndef evaluate(r):\n    return True\n",
+        "import os\n\ndef evaluate(r):\n    return True\n",
+    ]
+    assert [policy.is_pure(s) for s in pure] == [True] * len(pure)
+    assert [policy.is_pure(s) for s in impure] == [False] * len(impure)
+
+
+def test_dynamic_check_sees_tampering_in_process():
+    import importlib
+    import random
+    import re
+
+    from autoif.sandbox import _purity
+
+    for m in core.DEFAULT_ALLOWED_MODULES:
+        importlib.import_module(m)
+    snap = _purity.snapshot(core.DEFAULT_ALLOWED_MODULES)
+    assert _purity.unchanged(snap)
+    orig_search, state = re.search, random.getstate()
+    try:
+        re.search = None
+        assert not _purity.unchanged(snap)
+    finally:
+        re.search = orig_search
+    assert _purity.unchanged(snap)
+    try:
+        random.random()
+        assert not _purity.unchanged(snap)
+    finally:
+        random.setstate(state)
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(limit + 1)
+        assert not _purity.unchanged(snap)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert _purity.unchanged(snap)
+
+
+def test_big_allocation_ends_reuse():
+    big = "def evaluate(r):\n    x = 'a' * (100 * 1024 * 1024)\n    return len(x) > 0\n"
+    with Sandbox(workers=1, timeout_s=5.0) as s:
+        res = s.run([big, PURE_A, PURE_B], ["abc"])
+        assert [r.value for r in res] == [True, True, True]
+        assert s.child_stats == {"fresh": 2, "reused": 1}  # PURE_A starts afresh, PURE_B reuses

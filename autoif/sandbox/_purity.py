@@ -70,9 +70,12 @@ _IMMUTABLE = (str, bytes, int, float, complex, bool, frozenset, type(None))
 class Policy:
     """What reusable code may name. Built once in the zygote from the modules actually loaded."""
 
-    def __init__(self, allowed_modules) -> None:
+    def __init__(self, allowed_modules, extra_pure_modules=()) -> None:
+        pure_modules = dict(PURE_MODULES)
+        for name in extra_pure_modules:  # tests only: declare a module stateless
+            pure_modules.setdefault(name, frozenset())
         mods = {}
-        for name in PURE_MODULES:
+        for name in pure_modules:
             if name in allowed_modules and name in sys.modules:
                 mods[name] = sys.modules[name]
         self.module_attrs: dict[str, frozenset[str]] = {}
@@ -85,7 +88,7 @@ class Policy:
                 v = getattr(mod, attr, None)
                 # callables (functions, classes) and immutable constants only: no submodules,
                 # no shared mutable containers or instances (keyword.kwlist, calendar.c, ...)
-                if attr not in PURE_MODULES[name] and not isinstance(v, type(sys)) and (
+                if attr not in pure_modules[name] and not isinstance(v, type(sys)) and (
                         callable(v) or _immutable(v)):
                     ok.add(attr)
                 else:

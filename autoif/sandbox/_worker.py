@@ -1,28 +1,36 @@
-"""Worker side of :mod:`autoif.sandbox`: a zygote process that forks one child per job.
+"""Worker side of :mod:`autoif.sandbox`: a zygote that forks a job runner per job, which forks
+the children that run the functions.
 
 This file runs *inside* the sandbox as a script (``python -I -B _worker.py CONFIG_JSON``) and is
 also imported by the parent for the ``isolation=none`` path (:func:`make_namespace`,
 :func:`normalise`, :func:`run_calls`). It must only import the standard library at module level
-(``pyseccomp`` is imported lazily, inside the sandbox).
+(``pyseccomp`` is only imported in a short-lived helper process, ``_purity.py`` is loaded by path).
 
 Life of a worker
 ----------------
-1. Start (trusted code only): pre-import the allow-listed modules, build the guarded builtins,
-   compile the seccomp filter to BPF once, set rlimits, drop to the unprivileged uid/gid,
-   ``gc.freeze()``, then write ``{"t": "ready", ...}`` on stdout.
-2. Loop: read a job frame from fd 0 (``>cII`` type/job id/length + JSON
-   ``{"src": ..., "inputs": [...]}``; the parent keeps at most one job queued ahead), ``fork()``
-   one child per job, zero the zygote's copy of the frame, relay the child's result lines
-   (``r <json>``) and report ``start``/``exit`` status lines on stdout. A ``K`` frame for the
-   running job makes the zygote SIGKILL the child: that is how the parent-side watchdog enforces
-   per-call timeouts without restarting the whole worker.
-3. The child (the only place untrusted code runs): writes only to a private pipe (so it cannot
-   forge the zygote's messages or other jobs' results), sets ``PR_SET_PDEATHSIG`` and
-   ``RLIMIT_CPU``, installs the seccomp filter, compiles the function once, calls it on each
-   input of the job and streams results. Before each call it stores the call's index in a
-   shared memory page the parent watches. The child always ends with ``_exit``: nothing a
-   function changed (builtins, modules, classes, caches, threads, signal handlers) survives into
-   the next job.
+1. Start (trusted code only): pre-import the allow-listed modules, build the guarded builtins and
+   the purity policy, get the seccomp filter as BPF from a throwaway helper process (pyseccomp
+   never enters the zygote, whose size every fork pays for), set rlimits, drop to the
+   unprivileged uid/gid, ``gc.freeze()``, then write ``{"t": "ready", ...}`` on stdout.
+2. Zygote loop: read a job frame from fd 0 (``>cII`` type/job id/length + JSON
+   ``{"funcs": [...], "inputs": [...]}``: several functions, each paired with every input of the
+   job; the parent keeps at most one job queued ahead), fork a *job runner*, zero the zygote's
+   copy of the frame, forward the job runner's lines and report ``start``/``exit`` status lines
+   on stdout. A ``K`` frame for the running job makes the zygote SIGKILL the job runner (its
+   current child dies with it, PR_SET_PDEATHSIG, and is reaped by the zygote as subreaper): that
+   is how the parent-side watchdog enforces per-call timeouts without restarting the worker.
+3. Job runner (trusted): decodes the job once, checks which functions are statically pure
+   (``_purity.py``) and forks children in turn; relays each child's result lines (``r <json>``)
+   framed by ``fs``/``fe`` (function start/end) lines. Each child has its own result pipe.
+4. Child (the only place untrusted code runs): sets ``PR_SET_PDEATHSIG`` and ``RLIMIT_CPU``,
+   installs the seccomp filter, then for each function of its run: compiles it once, calls it on
+   each input and streams results; before each call it stores the call's index in a shared
+   memory page the parent watches. It goes on with the next function only if the function it
+   just ran is statically pure (decided by the job runner before the fork) and its own dynamic
+   check finds builtins, modules, random/decimal state etc. unchanged; otherwise it ends with
+   ``_exit`` and the next function starts in a fresh child forked from the pristine state. So
+   nothing a non-pure function changed (builtins, modules, classes, caches, threads, signal
+   handlers) survives into the next function, and a function can only report its own results.
 """
 from __future__ import annotations
 
@@ -420,7 +428,7 @@ class _Zygote:
         purity = None
         if int(cfg.get("max_functions_per_child", 1)) > 1:
             _pm = _load_purity()
-            purity = (_pm.Policy(allowed), _pm)
+            purity = (_pm.Policy(allowed, cfg.get("extra_pure_modules", ())), _pm)
 
         # 2. seccomp: compile the filter to BPF once; each child installs it with one prctl
         fprog = None
@@ -765,11 +773,14 @@ def _child(srcs, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, 
     if len(srcs) > 1:
         snap = purity[1].snapshot(cfg["allowed_modules"])
         template = dict(safe_builtins)
+        peak_limit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + 64 * 1024  # kB
     for idx, src in enumerate(srcs):
         if idx:
             # the previous function was statically pure; make sure anyway that it changed nothing
+            # (and that it did not leave a fragmented heap: after a big allocation, start afresh)
             gc.collect()
-            if not (purity[1].unchanged(snap) and safe_builtins == template):
+            if not (purity[1].unchanged(snap) and safe_builtins == template
+                    and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < peak_limit):
                 exit_(0)  # the job runner starts the next function in a fresh child
             _PROGRESS.pack_into(progress, 8, PHASE_SETUP)
             emit(b"N\n")
@@ -779,7 +790,8 @@ def _child(srcs, inputs, cfg, fprog, safe_builtins, progress, libc, parent_pid, 
 
 
 def _run_function(src, inputs, cfg, safe_builtins, progress, detail_chars, emit):
-    set_progress = _PROGRESS.pack_into
+    # the call index lives in the second 8-byte slot of the shared progress page (little-endian)
+    slots = memoryview(progress).cast("q") if sys.byteorder == "little" else None
     result_line, jstr = _result_line, _jstr
     fn, err = compile_function(src, safe_builtins, detail_chars)
     del src
@@ -801,7 +813,10 @@ def _run_function(src, inputs, cfg, safe_builtins, progress, detail_chars, emit)
     for k in range(n):
         inp = inputs[k]
         inputs[k] = None  # the list only ever holds inputs not yet evaluated
-        set_progress(progress, 8, k)
+        if slots is not None:
+            slots[1] = k
+        else:
+            _PROGRESS.pack_into(progress, 8, k)
         try:
             v = fn(inp)
         except BaseException as exc:  # noqa: BLE001 - every exception is an `error` outcome
@@ -820,14 +835,14 @@ def _run_function(src, inputs, cfg, safe_builtins, progress, detail_chars, emit)
                     pending += len(d) + 16
         inp = v = None
         pending += 1
-        if pending > max_pending or now() - last_flush > flush_every:
+        if pending > max_pending or (not k & 15 and now() - last_flush > flush_every):
             emit(result_line(start, "".join(codes), details))
             start += len(codes)
             codes, details = [], {}
             append = codes.append
             pending = 0
             last_flush = now()
-    set_progress(progress, 8, n)
+    _PROGRESS.pack_into(progress, 8, n)
     emit(result_line(start, "".join(codes), details, n))
 
 

@@ -6,9 +6,11 @@ See ``_worker.py`` for what runs inside a worker. Security layers, strongest mod
   net, ipc, uts and cgroup namespaces; a read-only root that only holds /usr, the Python
   installation, the virtualenv and this package; a private size-limited /tmp; its own /proc;
   a minimal /dev), drops to an unprivileged uid (65534) and rlimits (address space, CPU, file
-  size, open files, processes, no core dumps), and runs every job in a forked child that loads a
-  seccomp filter denying sockets, exec, fork/clone, kill, ptrace, mounts, namespace changes,
-  writable opens and file system changes.
+  size, open files, processes, no core dumps), and runs the functions in forked children that load
+  a seccomp filter denying sockets, exec, fork/clone, kill, ptrace, mounts, namespace changes,
+  writable opens and file system changes. A child runs several functions of a job (same inputs)
+  in a row only after functions that provably cannot leave state behind (``_purity.py``: static
+  check + dynamic check); any other function is the last one its child runs.
 * ``bwrap``: the same without seccomp (``pyseccomp`` missing).
 * ``seccomp``: no bubblewrap; uid drop, rlimits and seccomp.
 * ``process``: uid drop and rlimits only.
@@ -261,7 +263,7 @@ class _Job:
 
     batch: _Batch
     funcs: list[tuple[int, str | None]]  # (function index, source)
-    positions: list[list[int]]  # per function: positions in the batch results, aligned with `inputs`
+    positions: list[Sequence[int]]  # per function: positions in the batch results, aligned with `inputs`
     inputs: list[int]  # input indices
     enc_inputs: list[bytes]  # JSON-encoded inputs (shared across jobs of one batch)
 
@@ -317,11 +319,12 @@ class _Worker:
     """One pooled worker process (a zygote, inside bubblewrap when available) and its pipes.
 
     Protocol (all plain JSON, never pickle): the parent writes frames ``>cII`` (type, job id,
-    length) + JSON ``{"src", "inputs"}`` on the worker's stdin, at most one job ahead of the one
-    running, and ``K`` frames to kill a running job. The zygote alone writes the worker's stdout:
-    JSON status lines (``ready``, ``start``, ``exit``, ``fatal``) and ``r <json>`` lines that relay
-    what the current child reported. A child only ever writes to its own private pipe, so it
-    cannot forge status or results of another job.
+    length) + JSON ``{"funcs", "inputs"}`` on the worker's stdin, at most one job ahead of the one
+    running, and ``K`` frames to kill a running job. Only trusted code writes the worker's stdout:
+    the zygote's JSON status lines (``ready``, ``start``, ``exit``, ``fatal``) and the job
+    runner's lines, ``fs``/``fe`` (function start/end, JSON) around ``r <json>`` lines that relay
+    what the child running that function reported. A child only ever writes to its own private
+    pipe, so it cannot forge status lines or the results of another function.
     """
 
     def __init__(self, sb: "Sandbox", slot: int):
@@ -358,6 +361,7 @@ class _Worker:
             "max_job_bytes": sb.max_job_bytes,
             "max_output_chars": sb.max_output_chars,
             "max_functions_per_child": sb.max_functions_per_child,
+            "extra_pure_modules": list(sb._extra_pure_modules),
             "parent_pid": os.getpid(),
             "in_bwrap": sb.isolation in (Isolation.bwrap_seccomp, Isolation.bwrap),
         }
@@ -663,21 +667,45 @@ class _Worker:
                 raise ValueError("too many results")
             if not _VALID_CODES.issuperset(codes):
                 raise ValueError(f"bad outcome code in {codes[:20]!r}")
-            fi = job.funcs[run.cur][0]
-            pos, inp, out = job.positions[run.cur], job.inputs, _CODE
-            items = [(pos[s + k], CallResult(fi, inp[s + k], out[c])) for k, c in enumerate(codes)]
+            dets: dict[int, str] = {}
             for key, d in det.items():
                 k = int(key)
                 if not 0 <= k < len(codes):
                     raise ValueError("detail for a call outside the message")
-                items[k] = (pos[s + k], CallResult(fi, inp[s + k], out[codes[k]], _short(str(d), sb.max_detail_chars)))
-            job.batch.set_many(items)
+                dets[k] = _short(str(d), sb.max_detail_chars)
+            self._settle_codes(run, s, codes, dets)
             run.got = s + len(codes)
         except (ValueError, KeyError, TypeError) as exc:
             run.violation = _short(str(exc), 200)
             if run.kill_sent_at is None:
                 run.kill_fn = run.cur
                 self._send_kill(run, now)
+
+    @staticmethod
+    def _settle_codes(run: _Run, s: int, codes: str, dets: dict[int, str]) -> None:
+        """Record results s.. of the current function (the hot path: one CallResult per call)."""
+        job = run.job
+        batch = job.batch
+        fi = job.funcs[run.cur][0]
+        pos, inp, out = job.positions[run.cur], job.inputs, _CODE
+        res = batch.results
+        new, setattr_, cls = object.__new__, object.__setattr__, CallResult
+        n = 0
+        with batch.lock:
+            for k, c in enumerate(codes, s):
+                p = pos[k]
+                if res[p] is None:
+                    # what the frozen dataclass's __init__ does, without its call frame
+                    r = new(cls)
+                    setattr_(r, "func_index", fi)
+                    setattr_(r, "input_index", inp[k])
+                    setattr_(r, "outcome", out[c])
+                    setattr_(r, "detail", dets.get(k - s, "") if dets else "")
+                    res[p] = r
+                    n += 1
+            batch.remaining -= n
+            if batch.remaining == 0:
+                batch.done.set()
 
     def _finish_run(self, run: _Run, m: dict, page_ok: bool = True) -> list[_Job]:
         """Settle a run whose job runner ended; return the jobs that still need a run."""
@@ -829,7 +857,7 @@ class Sandbox:
         *,
         max_detail_chars: int = 300,
         max_timeouts_per_func: int | None = 3,
-        max_job_calls: int = 8192,
+        max_job_calls: int = 65536,
         max_job_bytes: int = 64 * 1024 * 1024,
         max_file_bytes: int = 1024 * 1024,
         max_open_files: int = 64,
@@ -839,6 +867,7 @@ class Sandbox:
         gid: int = 65534,
         flush_interval_s: float = 0.05,
         max_functions_per_child: int = 64,
+        _extra_pure_modules: Sequence[str] = (),
         startup_timeout_s: float = 30.0,
         kill_grace_s: float = 2.0,
     ):
@@ -865,6 +894,7 @@ class Sandbox:
         # >1: a child may go on with the next function of its job after one that provably cannot
         # leave state behind (static purity check + dynamic check, see _purity.py); 1: always fork
         self.max_functions_per_child = max(1, int(max_functions_per_child))
+        self._extra_pure_modules = tuple(_extra_pure_modules)  # tests: exercise the dynamic check
         self.startup_timeout_s = float(startup_timeout_s)
         self.kill_grace_s = float(kill_grace_s)
         self.bwrap_path = _which_bwrap() or "bwrap"
@@ -1022,18 +1052,22 @@ class Sandbox:
         for j, s in enumerate(inputs):
             if not isinstance(s, str):
                 raise TypeError(f"inputs[{j}] is {type(s).__name__}, expected str")
+        pairs_l: list[tuple[int, int]] | None = None
         if pairs is None:
-            pairs_l = [(i, j) for i in range(len(funcs)) for j in range(len(inputs))]
+            n = len(funcs) * len(inputs)
         else:
             pairs_l = [(int(i), int(j)) for i, j in pairs]
             for i, j in pairs_l:
                 if not (0 <= i < len(funcs)) or not (0 <= j < len(inputs)):
                     raise IndexError(f"pair ({i}, {j}) out of range ({len(funcs)} funcs, {len(inputs)} inputs)")
-        batch = _Batch(len(pairs_l), len(funcs))
-        if not pairs_l:
+            n = len(pairs_l)
+        if n == 0:
             return []
         if self.isolation is Isolation.none:
+            if pairs_l is None:
+                pairs_l = [(i, j) for i in range(len(funcs)) for j in range(len(inputs))]
             return self._run_inprocess(funcs, inputs, pairs_l)
+        batch = _Batch(n, len(funcs))
         for job in self._plan(batch, funcs, inputs, pairs_l):
             self._queue.put(job)
         while not batch.done.wait(0.5):
@@ -1043,59 +1077,86 @@ class Sandbox:
             raise SandboxError(f"sandbox run failed: {batch.error}") from batch.error
         return batch.results  # type: ignore[return-value]
 
-    def _plan(self, batch: _Batch, funcs: list, inputs: list[str], pairs_l: list[tuple[int, int]]) -> list[_Job]:
+    def _plan(self, batch: _Batch, funcs: list, inputs: list[str], pairs_l: list[tuple[int, int]] | None) -> list[_Job]:
         """Cut the calls into jobs: each function's inputs in chunks, then the functions that have
-        exactly the same chunk of inputs grouped, several per job (one decode of the inputs and
-        one message per job; still one fresh process per function)."""
-        by_func: dict[int, tuple[list[int], list[int]]] = {}
-        for pos, (i, j) in enumerate(pairs_l):
-            e = by_func.get(i)
-            if e is None:
-                e = by_func[i] = ([], [])
-            e[0].append(pos)
-            e[1].append(j)
-        enc: list[bytes] = [b""] * len(inputs)
-        for j in {j for _, j in pairs_l}:
+        exactly the same chunk of inputs grouped, several per job (one message and one decode of
+        the inputs per job). ``pairs_l=None`` is the full matrix."""
+        m = len(inputs)
+        by_func: list[tuple[int, Sequence[int], list[int]]] = []  # (func, positions, input indices)
+        if pairs_l is None:
+            every = list(range(m))
+            by_func = [(i, range(i * m, (i + 1) * m), every) for i in range(len(funcs))]
+            used: Sequence[int] = every
+            n = len(funcs) * m
+        else:
+            tmp: dict[int, tuple[list[int], list[int]]] = {}
+            for pos, (i, j) in enumerate(pairs_l):
+                e = tmp.get(i)
+                if e is None:
+                    e = tmp[i] = ([], [])
+                e[0].append(pos)
+                e[1].append(j)
+            by_func = [(i, p, ins) for i, (p, ins) in tmp.items()]
+            used = sorted({j for _, j in pairs_l})
+            n = len(pairs_l)
+        enc: list[bytes] = [b""] * m
+        for j in used:
             enc[j] = json.dumps(inputs[j]).encode()
-        src_enc = {i: len(json.dumps(funcs[i])) if isinstance(funcs[i], str) else 4 for i in by_func}
-        biggest_src = max(src_enc.values(), default=0)
-        biggest_inp = max((len(enc[j]) for _, j in pairs_l), default=0)
+        src_enc = {i: len(json.dumps(funcs[i])) if isinstance(funcs[i], str) else 4 for i, _, _ in by_func}
         limit = self.max_job_bytes - 64
-        if biggest_src + biggest_inp > limit:
+        if max(src_enc.values()) + max(len(enc[j]) for j in used) > limit:
             raise ValueError(f"a function plus one input exceeds max_job_bytes={self.max_job_bytes}")
-        # jobs small enough to balance the pool, large enough to amortise the per-job costs
-        per_job = max(min(32, self.max_job_calls),
-                      min(self.max_job_calls, math.ceil(len(pairs_l) / (self.workers * 12))))
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-        for fi, (pos, ins) in by_func.items():
-            k = 0
-            while k < len(ins):  # chunks of at most per_job calls and about half the byte limit
-                size, e = src_enc[fi], k
-                while e < len(ins) and e - k < per_job and (e == k or size + len(enc[ins[e]]) + 1 <= limit // 2):
-                    size += len(enc[ins[e]]) + 1
-                    e += 1
-                groups.setdefault(tuple(ins[k:e]), []).append((fi, pos[k:e]))
-                k = e
+        per_job = self.max_job_calls  # input chunk per function
+        cuts: dict[int, list[tuple[int, int]]] = {}  # id(input list) -> chunk bounds (shared list: once)
+        groups: dict[tuple[int, ...], list[tuple[int, Sequence[int]]]] = {}
+        for fi, pos, ins in by_func:
+            bounds = cuts.get(id(ins))
+            if bounds is None:
+                bounds, k = [], 0
+                while k < len(ins):  # chunks of at most per_job calls and half the byte limit
+                    size, e = 0, k
+                    while e < len(ins) and e - k < per_job and (e == k or size + len(enc[ins[e]]) + 1 <= limit // 2):
+                        size += len(enc[ins[e]]) + 1
+                        e += 1
+                    bounds.append((k, e))
+                    k = e
+                cuts[id(ins)] = bounds
+            for k, e in bounds:
+                key = tuple(ins[k:e])
+                groups.setdefault(key, []).append((fi, pos[k:e]))
+        # guided self-scheduling: each job takes about 1/(2 x workers) of the calls not yet planned
+        # (capped by max_job_calls), so the first jobs are big and the last ones small: few
+        # per-job costs, and the pool's last job ends about when the others do
         jobs: list[_Job] = []
-        for key, members in groups.items():
+        remaining = n
+        smallest = max(32, math.ceil(n / (8 * self.workers)))
+        for key, members in sorted(groups.items(), key=lambda kv: -len(kv[0]) * len(kv[1])):
             ins = list(key)
             in_bytes = sum(len(enc[j]) + 1 for j in ins)
-            cap = max(1, per_job // len(ins))
-            cur: list[tuple[int, list[int]]] = []
+            cur: list[tuple[int, Sequence[int]]] = []
             size = in_bytes
+            cap = 1
             for fi, pos in members:
-                if cur and (len(cur) >= cap or size + src_enc[fi] + 1 > limit):
+                if not cur:
+                    want = min(self.max_job_calls, max(smallest, math.ceil(remaining / (2 * self.workers))))
+                    cap = max(1, want // len(ins))
+                elif len(cur) >= cap or size + src_enc[fi] + 1 > limit:
                     jobs.append(self._job(batch, funcs, cur, ins, enc))
+                    remaining -= len(cur) * len(ins)
                     cur, size = [], in_bytes
+                    want = min(self.max_job_calls, max(smallest, math.ceil(remaining / (2 * self.workers))))
+                    cap = max(1, want // len(ins))
                 cur.append((fi, pos))
                 size += src_enc[fi] + 1
             if cur:
                 jobs.append(self._job(batch, funcs, cur, ins, enc))
+                remaining -= len(cur) * len(ins)
         jobs.sort(key=lambda jb: -jb.n_calls)  # big first: better tail balance
         return jobs
 
     @staticmethod
-    def _job(batch: _Batch, funcs: list, members: list[tuple[int, list[int]]], ins: list[int], enc: list[bytes]) -> _Job:
+    def _job(batch: _Batch, funcs: list, members: list[tuple[int, Sequence[int]]], ins: list[int],
+             enc: list[bytes]) -> _Job:
         return _Job(batch, [(fi, funcs[fi] if isinstance(funcs[fi], str) else None) for fi, _ in members],
                     [pos for _, pos in members], ins, enc)
 

@@ -112,6 +112,8 @@ def cases(ctx: Ctx) -> list[Case]:
              "        os.write(1, b'x' * 2**20)\n    return True\n", "killed"),
         Case("forged_results", h + "def evaluate(r):\n    _os().write(1, b'{\"t\": \"exit\", \"j\": 1}\\n{\"s\":0,\"o\":\"ppppp\"}\\n')\n"
              "    return True\n", "killed", detail_contains="protocol violation"),
+        Case("forged_next_function_marker", h + "def evaluate(r):\n    _os().write(1, b'N\\n')\n    return True\n",
+             "killed", detail_contains="protocol violation"),
         Case("huge_return_value", "def evaluate(r):\n    return 'x' * 10**8\n", "invalid_return"),
         Case("huge_exception_message", "def evaluate(r):\n    raise ValueError('x' * 10**7)\n", "error"),
         # --- file system
