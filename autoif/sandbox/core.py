@@ -164,6 +164,9 @@ def _bwrap_argv(bwrap: str, tmp_bytes: int) -> list[str]:
             argv += ["--ro-bind", p, p]
     for f in ("/etc/ld.so.cache", "/etc/localtime"):
         argv += ["--ro-bind-try", f, f]
+    # the private /tmp first: a checkout or venv that lives under the host's /tmp is bound on top of it,
+    # not hidden by it (bwrap applies mounts in argument order)
+    argv += ["--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     roots = _bind_roots()
     made: set[str] = {"/", "/usr", "/etc", "/tmp", "/proc", "/dev"}
     for r in roots:
@@ -176,7 +179,6 @@ def _bwrap_argv(bwrap: str, tmp_bytes: int) -> list[str]:
         argv += ["--ro-bind", r, r]
     argv += [
         "--proc", "/proc", "--dev", "/dev",
-        "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp",
         "--chdir", "/tmp", "--remount-ro", "/",
     ]
     return argv
