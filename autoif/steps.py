@@ -14,6 +14,8 @@ changed threshold recomputes that step and what follows, nothing upstream.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import datetime as dt
 import hashlib
 import inspect
@@ -177,7 +179,8 @@ def step(
 
     def deco(fn: Callable[..., pd.DataFrame]):
         params = inspect.signature(fn).parameters
-        source = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+        # the whole module's source: a change in a helper the step calls (a parser, a prompt) invalidates it too
+        source = hashlib.sha256(inspect.getsource(inspect.getmodule(fn)).encode()).hexdigest()[:16]
 
         def key_of(inputs: dict[str, StepRef]) -> str:
             ctx = current()
@@ -220,21 +223,66 @@ def step(
                 kwargs["llm"] = ctx.llm
             if "seed" in params:
                 kwargs["seed"] = ctx.cfg.seed
-            out = fn(**kwargs)
-            upstream = [r.uri for r in inputs.values()]
-            if isinstance(out, pd.DataFrame):
-                funnel = Funnel.of(name, _rows_in(seen, funnel_input), out)
-                meta = {"funnel": funnel.model_dump(), "metrics": metrics(out) if metrics else {}}
-                m = ctx.store.write_step(out, ctx.cfg.run_name, name, key, schema=schema, upstream=upstream, meta=meta)
+            token = _running_step.set((name, key))
+            try:
+                out = fn(**kwargs)
+                upstream = [r.uri for r in inputs.values()]
+                if isinstance(out, pd.DataFrame):
+                    funnel = Funnel.of(name, _rows_in(seen, funnel_input), out)
+                    meta = {"funnel": funnel.model_dump(), "metrics": metrics(out) if metrics else {}}
+                    m = ctx.store.write_step(out, ctx.cfg.run_name, name, key, schema=schema, upstream=upstream, meta=meta)
+                    return _ref(m)
+                acc = _Accumulator(name, metrics)
+                m = ctx.store.write_step(acc.watch(out), ctx.cfg.run_name, name, key, schema=schema, upstream=upstream,
+                                         meta=lambda: acc.meta(_rows_in(seen, funnel_input), metrics_final))
                 return _ref(m)
-            acc = _Accumulator(name, metrics)
-            m = ctx.store.write_step(acc.watch(out), ctx.cfg.run_name, name, key, schema=schema, upstream=upstream,
-                                     meta=lambda: acc.meta(_rows_in(seen, funnel_input), metrics_final))
-            return _ref(m)
+            finally:
+                _running_step.reset(token)
 
         return Step(name=name, pure=fn, task=run_step)
 
     return deco
+
+
+# (step name, step key) of the step task running in this thread: what batch task runs are keyed by
+_running_step: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("autoif_step", default=None)
+
+
+def map_batches(fn: Callable[..., pd.DataFrame], batches: Iterable[pd.DataFrame], **kwargs: Any) -> Iterator[pd.DataFrame]:
+    """``fn(b, batch, **kwargs)`` for each batch, in order. Inside a step, each batch is its own Prefect task
+    run named ``<step>[b]``, cached by the step's key, the batch number and the batch's content: when a step
+    fails half-way, its re-run answers the finished batches from the cache and recomputes from the failed
+    batch on. Outside a step (tests, notebooks) it is a plain loop."""
+    from prefect.transactions import CommitMode, transaction
+
+    running = _running_step.get()
+    for b, batch in enumerate(batches):
+        if running is None:
+            yield fn(b, batch, **kwargs)
+            continue
+        name, key = running
+        content = hashlib.sha256(batch.to_json(orient="split", date_format="iso").encode()).hexdigest()[:16]
+        task = _batch_task().with_options(
+            name=f"{name}-batch",
+            task_run_name=f"{name}[{b}]",
+            cache_key_fn=lambda _ctx, _p, k=f"autoif-{name}-{key}-b{b}-{content}": k,
+        )
+        # its own eagerly committed transaction: a finished batch stays cached when a later batch fails
+        # (inside the step's transaction Prefect would roll it back with the failed step)
+        with transaction(commit_mode=CommitMode.EAGER):
+            out = task(fn, b, batch, kwargs)
+        yield out
+
+
+def _run_batch(fn: Callable[..., pd.DataFrame], b: int, batch: pd.DataFrame, kwargs: dict[str, Any]) -> pd.DataFrame:
+    return fn(b, batch, **kwargs)
+
+
+@functools.cache
+def _batch_task():
+    from prefect import task
+
+    return task(_run_batch, persist_result=True)
 
 
 def _count(frame: pd.DataFrame, name: str, seen: dict[str, int]) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import pandas as pd
 from autoif.config import BackTranslationConfig, CrossValidationConfig, NLIMode, VerifierSynthesisConfig
 from autoif.llm import LLM
 from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, VerifierCandidates
-from autoif.steps import step
+from autoif.steps import map_batches, step
 from autoif.tasks.instructions import family_counts
 
 log = logging.getLogger("autoif")
@@ -243,27 +243,37 @@ def synthesize_verifiers(instructions: pd.DataFrame, llm: LLM, cfg: VerifierSynt
     """K completions per instruction asking for ``{"func", "cases"}``; one row per completion, one output
     part per batch of instructions (an instruction's completions stay together and in order)."""
     schema = VERIFIER_JSON_SCHEMA if cfg.use_json_schema else None
+    yield from _or_empty(map_batches(_synthesize_batch, _batches(instructions, cfg.batch_size), llm=llm, cfg=cfg, seed=seed,
+                                     schema=schema), _CANDIDATE_COLUMNS, ints=("completion", "n_cases"))
+
+
+def _synthesize_batch(b: int, batch: pd.DataFrame, llm: LLM, cfg: VerifierSynthesisConfig, seed: int, schema: dict | None) -> pd.DataFrame:
+    prompts = [verifier_prompt(t, cfg) for t in batch["instruction"]]
+    completions = llm.generate(prompts, n=cfg.n_completions, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                               seed=seed + b, json_schema=schema)
+    rows = []
+    for inst, outs in zip(batch.itertuples(), completions):
+        for k, text in enumerate(outs):
+            p = parse_verifier(text, cfg)
+            rows.append({
+                "instruction_id": inst.instruction_id, "instruction": inst.instruction, "family": inst.family,
+                "completion": k, "func": p.func, "func_key": p.func_key,
+                "cases": json.dumps(p.cases) if p.func is not None else None, "n_cases": len(p.cases),
+                "case_errors": json.dumps(p.case_errors), "repairs": json.dumps(p.repairs),
+                "raw": text[: cfg.max_raw_chars] if isinstance(text, str) else repr(text)[: cfg.max_raw_chars],
+                "reason": p.reason,
+            })
+    return pd.DataFrame(rows, columns=_CANDIDATE_COLUMNS)
+
+
+def _or_empty(frames: Iterable[pd.DataFrame], columns: list[str], ints: tuple[str, ...] = ()) -> Iterator[pd.DataFrame]:
+    """The frames, or one empty frame with the step's columns when there were none (an empty step is valid)."""
     yielded = False
-    for b, batch in enumerate(_batches(instructions, cfg.batch_size)):
-        prompts = [verifier_prompt(t, cfg) for t in batch["instruction"]]
-        completions = llm.generate(prompts, n=cfg.n_completions, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                   seed=seed + b, json_schema=schema)
-        rows = []
-        for inst, outs in zip(batch.itertuples(), completions):
-            for k, text in enumerate(outs):
-                p = parse_verifier(text, cfg)
-                rows.append({
-                    "instruction_id": inst.instruction_id, "instruction": inst.instruction, "family": inst.family,
-                    "completion": k, "func": p.func, "func_key": p.func_key,
-                    "cases": json.dumps(p.cases) if p.func is not None else None, "n_cases": len(p.cases),
-                    "case_errors": json.dumps(p.case_errors), "repairs": json.dumps(p.repairs),
-                    "raw": text[: cfg.max_raw_chars] if isinstance(text, str) else repr(text)[: cfg.max_raw_chars],
-                    "reason": p.reason,
-                })
+    for frame in frames:
         yielded = True
-        yield pd.DataFrame(rows, columns=_CANDIDATE_COLUMNS)
+        yield frame
     if not yielded:
-        yield pd.DataFrame({c: pd.Series([], dtype="int64" if c in ("completion", "n_cases") else object) for c in _CANDIDATE_COLUMNS})
+        yield _empty(columns, ints)
 
 
 # --------------------------------------------------------------------------------------------- step 3: cross-validation
@@ -521,15 +531,12 @@ def cross_validate(candidates: Iterable[pd.DataFrame], cfg: CrossValidationConfi
     from autoif.sandbox import shared_sandbox
 
     probes = read_probes(str(probes_path(cfg)))
-    sandbox = None
-    yielded = False
-    for batch in group_batches(candidates, "instruction_id", cfg.batch_size):
-        if sandbox is None:
-            sandbox = shared_sandbox(workers=cfg.sandbox_workers, timeout_s=cfg.timeout_s)
-        yielded = True
-        yield cross_validate_batch(batch, probes, cfg, sandbox)
-    if not yielded:
-        yield _empty(_CV_COLUMNS, ints=("n_completions", "n_funcs", "n_cases", "n_cases_kept"))
+
+    def one(b: int, batch: pd.DataFrame) -> pd.DataFrame:
+        return cross_validate_batch(batch, probes, cfg, shared_sandbox(workers=cfg.sandbox_workers, timeout_s=cfg.timeout_s))
+
+    yield from _or_empty(map_batches(one, group_batches(candidates, "instruction_id", cfg.batch_size)),
+                         _CV_COLUMNS, ints=("n_completions", "n_funcs", "n_cases", "n_cases_kept"))
 
 
 def _empty(columns: list[str], ints: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -585,22 +592,22 @@ _BT_KEY = ("max_funcs", "temperature", "max_tokens", "batch_size", "use_json_sch
 def back_translate(validated: Iterable[pd.DataFrame], llm: LLM, cfg: BackTranslationConfig, seed: int) -> Iterator[pd.DataFrame]:
     """The first ``max_funcs`` surviving functions of each instruction go back to the LLM, which writes the
     instruction each one checks (a JSON list)."""
-    yielded = False
-    for b, batch in enumerate(group_batches(validated, "instruction_id", cfg.batch_size)):
-        funcs = [json.loads(f)[: cfg.max_funcs] for f in batch["funcs"]]
-        outs = llm.generate([back_translation_prompt(f) for f in funcs], n=1, temperature=cfg.temperature,
-                            max_tokens=cfg.max_tokens, seed=seed + b,
-                            json_schema=BACK_TRANSLATION_JSON_SCHEMA if cfg.use_json_schema else None)
-        rows = []
-        for r, fs, out in zip(batch.itertuples(), funcs, outs):
-            texts, reason = parse_back_translation(out[0] if out else None, len(fs))
-            rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
-                         "funcs": r.funcs, "func_accuracies": r.func_accuracies, "cases": r.cases,
-                         "back_translations": json.dumps(texts) if texts is not None else None, "reason": reason})
-        yielded = True
-        yield pd.DataFrame(rows, columns=_BT_COLUMNS)
-    if not yielded:
-        yield _empty(_BT_COLUMNS)
+    yield from _or_empty(map_batches(_back_translate_batch, group_batches(validated, "instruction_id", cfg.batch_size),
+                                     llm=llm, cfg=cfg, seed=seed), _BT_COLUMNS)
+
+
+def _back_translate_batch(b: int, batch: pd.DataFrame, llm: LLM, cfg: BackTranslationConfig, seed: int) -> pd.DataFrame:
+    funcs = [json.loads(f)[: cfg.max_funcs] for f in batch["funcs"]]
+    outs = llm.generate([back_translation_prompt(f) for f in funcs], n=1, temperature=cfg.temperature,
+                        max_tokens=cfg.max_tokens, seed=seed + b,
+                        json_schema=BACK_TRANSLATION_JSON_SCHEMA if cfg.use_json_schema else None)
+    rows = []
+    for r, fs, out in zip(batch.itertuples(), funcs, outs):
+        texts, reason = parse_back_translation(out[0] if out else None, len(fs))
+        rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
+                     "funcs": r.funcs, "func_accuracies": r.func_accuracies, "cases": r.cases,
+                     "back_translations": json.dumps(texts) if texts is not None else None, "reason": reason})
+    return pd.DataFrame(rows, columns=_BT_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------- step 4b: consistency
@@ -684,35 +691,35 @@ def consistency_filter(translated: Iterable[pd.DataFrame], llm: LLM, cfg: BackTr
     ``nli``: a local classifier (loaded once); ``llm_judge``: the engine labels the pair; ``off``: keep all."""
     if cfg.mode is NLIMode.nli and not cfg.nli_model:
         raise ValueError("back_translation.mode=nli needs back_translation.nli_model (a local path or model id)")
-    yielded = False
-    for b, batch in enumerate(group_batches(translated, "instruction_id", cfg.batch_size)):
-        pairs = [(r.instruction, h) for r in batch.itertuples() for h in json.loads(r.back_translations)]
-        if cfg.mode is NLIMode.nli:
-            labels: list[str | None] = list(nli_classifier(cfg.nli_model).labels(pairs, cfg.nli_batch_size))
-        elif cfg.mode is NLIMode.llm_judge:
-            prompts = [JUDGE_PROMPT.format(premise=p, hypothesis=h) for p, h in pairs]
-            outs = llm.generate(prompts, n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed + b,
-                                json_schema=JUDGE_JSON_SCHEMA if cfg.use_json_schema else None) if prompts else []
-            labels = [parse_judge_label(o[0] if o else None) for o in outs]
+    yield from _or_empty(map_batches(_consistency_batch, group_batches(translated, "instruction_id", cfg.batch_size),
+                                     llm=llm, cfg=cfg, seed=seed), _CONSISTENT_COLUMNS)
+
+
+def _consistency_batch(b: int, batch: pd.DataFrame, llm: LLM, cfg: BackTranslationConfig, seed: int) -> pd.DataFrame:
+    pairs = [(r.instruction, h) for r in batch.itertuples() for h in json.loads(r.back_translations)]
+    if cfg.mode is NLIMode.nli:
+        labels: list[str | None] = list(nli_classifier(cfg.nli_model).labels(pairs, cfg.nli_batch_size))
+    elif cfg.mode is NLIMode.llm_judge:
+        prompts = [JUDGE_PROMPT.format(premise=p, hypothesis=h) for p, h in pairs]
+        outs = llm.generate(prompts, n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed + b,
+                            json_schema=JUDGE_JSON_SCHEMA if cfg.use_json_schema else None) if prompts else []
+        labels = [parse_judge_label(o[0] if o else None) for o in outs]
+    else:
+        labels = [None] * len(pairs)
+    rows, pos = [], 0
+    for r in batch.itertuples():
+        n = len(json.loads(r.back_translations))
+        mine, pos = labels[pos : pos + n], pos + n
+        if cfg.mode is NLIMode.off:
+            reason = None
+        elif cfg.contradiction_label.lower() in mine:
+            reason = "contradiction"
+        elif any(label is None for label in mine):
+            reason = "judge_unparseable"
         else:
-            labels = [None] * len(pairs)
-        rows, pos = [], 0
-        for r in batch.itertuples():
-            n = len(json.loads(r.back_translations))
-            mine, pos = labels[pos : pos + n], pos + n
-            if cfg.mode is NLIMode.off:
-                reason = None
-            elif cfg.contradiction_label.lower() in mine:
-                reason = "contradiction"
-            elif any(label is None for label in mine):
-                reason = "judge_unparseable"
-            else:
-                reason = None
-            rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
-                         "funcs": r.funcs, "func_accuracies": r.func_accuracies, "cases": r.cases,
-                         "back_translations": r.back_translations,
-                         "labels": json.dumps(mine) if cfg.mode is not NLIMode.off else None, "reason": reason})
-        yielded = True
-        yield pd.DataFrame(rows, columns=_CONSISTENT_COLUMNS)
-    if not yielded:
-        yield _empty(_CONSISTENT_COLUMNS)
+            reason = None
+        rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
+                     "funcs": r.funcs, "func_accuracies": r.func_accuracies, "cases": r.cases,
+                     "back_translations": r.back_translations,
+                     "labels": json.dumps(mine) if cfg.mode is not NLIMode.off else None, "reason": reason})
+    return pd.DataFrame(rows, columns=_CONSISTENT_COLUMNS)

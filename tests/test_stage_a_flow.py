@@ -222,3 +222,45 @@ def test_stage_a_canned_funnel_cache_and_threshold_change(prefect_harness, make_
     assert json.loads(cv2.loc[THREE, "func_accuracies"]) == [7 / 9]
     final2 = frame(store, changed["consistency_filter"]).set_index("instruction")
     assert by_instruction(final2) == {LOWER: None, CHERRY: "contradiction", MANGO: "judge_unparseable", THREE: None}
+
+
+def test_failed_batch_resumes_from_that_batch(prefect_harness, make_cfg, tmp_path):
+    """Synthesis runs as one Prefect task run per batch ("verifier_synthesis[b]"); when batch 2 fails, the
+    re-run answers batches 0 and 1 from the cache and asks the LLM only for batch 2."""
+    import asyncio
+
+    import pytest
+    from prefect.client.orchestration import get_client
+
+    from autoif.llm.scripted import MissingScriptError
+    from tests.conftest import write_script
+
+    overrides = {**OVERRIDES, "run_name": "stage-a-resume"}
+    cfg = make_cfg(overrides)
+    full = script(cfg)
+    broken = [r for r in full if r["prompt"] != verifier_prompt(THREE, cfg.verifier_synthesis)]  # batch 2 = COMMAS, THREE
+    cfg = make_cfg(overrides, script=broken)
+    with pytest.raises(MissingScriptError):
+        build_instructions(cfg, until="verifier_synthesis")
+    write_script(tmp_path / "script.jsonl", full)
+    refs = build_instructions(cfg, until="verifier_synthesis")
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`autoif.run_name` = 'stage-a-resume' and tags.`autoif.flow` = 'instructions'",
+                              order_by=["start_time DESC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+    assert runs[1].data.metrics["llm_prompts"] == 1 + 3 + 3  # self-instruct, batches 0 and 1; batch 2 raised
+    assert runs[0].data.metrics["llm_prompts"] == 2  # only batch 2 (COMMAS, THREE)
+    cand = Store(cfg.store.root).read_step(refs["verifier_synthesis"])[0]
+    assert len(cand) == 8 * 4
+
+    async def task_runs():
+        async with get_client() as c:
+            return await c.read_task_runs()
+
+    states: dict[str, list[str]] = {}
+    for t in sorted(asyncio.run(task_runs()), key=lambda t: t.created):
+        states.setdefault(t.name, []).append(t.state.name)
+    assert states["verifier_synthesis[0]"][-2:] == ["Completed", "Cached"]
+    assert states["verifier_synthesis[2]"][-2:] == ["Failed", "Completed"]
