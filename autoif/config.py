@@ -6,6 +6,7 @@ Unknown keys and wrong types are errors that name the key.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import operator
@@ -353,7 +354,7 @@ def load_config(
         if not isinstance(file_data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(file_data).__name__}")
     chosen = Preset(preset) if preset is not None else Preset(file_data.get("preset", Preset.code))
-    data = _deep_merge(PRESETS[chosen], file_data)
+    data = _deep_merge(copy.deepcopy(PRESETS[chosen]), file_data)  # overrides below edit nested dicts in place
     data["preset"] = chosen.value
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:

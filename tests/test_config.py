@@ -70,3 +70,9 @@ def test_step_hash_is_stable_and_sensitive():
     c = load_config(overrides=["cross_validation.func_accuracy=0.9"])
     assert a.step_hash("cross_validation") != c.step_hash("cross_validation")
     assert a.step_hash("self_instruct") == c.step_hash("self_instruct")
+
+
+def test_overrides_never_change_the_presets():
+    load_config(overrides=["cross_validation.func_accuracy=0.1", "verification.pass_rate.op=>="])
+    fresh = load_config()
+    assert str(fresh.cross_validation.func_accuracy) == ">= 0.8" and str(fresh.verification.pass_rate) == "> 0"
