@@ -295,11 +295,12 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def _parse_value(raw: str) -> Any:
-    """``--set`` values are YAML scalars: 0.5, true, null, "text", [1, 2]."""
+    """``--set`` values are YAML scalars: 0.5, true, null, "text", [1, 2]; text YAML cannot read (``>=``) is
+    taken as the string it is, and the config's own validation then judges it."""
     try:
         return yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot parse override value {raw!r}: {e}") from e
+    except yaml.YAMLError:
+        return raw
 
 
 def _apply_override(data: dict, key: str, value: Any) -> None:
