@@ -282,7 +282,8 @@ def _run_batch(fn: Callable[..., pd.DataFrame], b: int, batch: pd.DataFrame, kwa
 def _batch_task():
     from prefect import task
 
-    return task(_run_batch, persist_result=True)
+    # results live in result storage, not in memory: a 20k-instruction step holds one batch at a time
+    return task(_run_batch, persist_result=True, cache_result_in_memory=False)
 
 
 def _count(frame: pd.DataFrame, name: str, seen: dict[str, int]) -> pd.DataFrame:

@@ -107,8 +107,9 @@ class Tracker:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # a sample, not a model signature
             ds = mlflow.data.from_pandas(sample, source=manifest.uri, name=manifest.step, digest=manifest.digest[:32])
+            entity = ds._to_mlflow_entity()  # infers the schema: the warning comes from here
         for target in (rid, parent_run_id):
-            self.client.log_inputs(target, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", manifest.step)])])
+            self.client.log_inputs(target, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", manifest.step)])])
         self.client.log_text(rid, json.dumps(funnel.as_dict(), indent=2), "funnel.json")
         self.client.set_terminated(rid)
         return rid
