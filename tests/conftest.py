@@ -116,3 +116,22 @@ def stop_service(proc) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def descendants(pid: int) -> set[int]:
+    """Live descendants of pid (not uid-wide: other sessions may run sandboxes concurrently)."""
+    out: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # pid exited while we looked: it has no descendants left
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as fh:
+                children = [int(c) for c in fh.read().split()]
+        except FileNotFoundError:  # that thread exited meanwhile
+            continue
+        for c in children:
+            out.add(c)
+            out |= descendants(c)
+    return out

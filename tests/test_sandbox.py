@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 
+from tests.conftest import descendants
+
 from autoif.sandbox import CallResult, Isolation, Outcome, Sandbox, SandboxError, shared_sandbox
 from autoif.sandbox import core
 from autoif.sandbox._worker import normalise
@@ -28,19 +30,6 @@ def _wait_gone(pids, timeout: float = 3.0) -> list[int]:
         time.sleep(0.02)
     return left
 
-
-def _descendants(pid: int) -> set[int]:
-    """Live descendants of pid (not uid-wide: other sessions may run sandboxes concurrently)."""
-    out: set[int] = set()
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/children") as fh:
-                for c in fh.read().split():
-                    out.add(int(c))
-                    out |= _descendants(int(c))
-    except OSError:
-        pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -306,12 +295,12 @@ def test_concurrent_runs_from_threads(sb):
 
 
 def test_close_is_idempotent_and_leaves_no_process():
-    before = _descendants(os.getpid())
+    before = descendants(os.getpid())
     s = Sandbox(workers=2, timeout_s=1.0)
     pids = s.worker_pids
     assert len(pids) == 2
     assert s.run(["def evaluate(r):\n    return True\n"], ["x"])[0].value is True
-    tree = set(pids).union(*(_descendants(p) for p in pids))
+    tree = set(pids).union(*(descendants(p) for p in pids))
     assert len(tree) >= 4  # bwrap, its pid-namespace init, the zygote, per worker
     s.close()
     s.close()
@@ -321,7 +310,7 @@ def test_close_is_idempotent_and_leaves_no_process():
         with pytest.raises(ProcessLookupError):
             os.kill(p, 0)  # reaped, not a zombie
     assert not _wait_gone(tree)
-    assert _descendants(os.getpid()) - before == set()
+    assert descendants(os.getpid()) - before == set()
 
 
 def test_shared_sandbox_is_one_pool_per_process_for_prefect_tasks():

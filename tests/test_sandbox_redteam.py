@@ -15,6 +15,8 @@ import uuid
 
 import pytest
 
+from tests.conftest import descendants
+
 from autoif.sandbox import Isolation, Outcome, Sandbox
 from autoif.sandbox.core import _pyseccomp_available, _which_bwrap
 
@@ -26,19 +28,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-
-def _descendants(pid: int) -> set[int]:
-    """Live descendants of pid (not uid-wide: other sessions may run sandboxes concurrently)."""
-    out: set[int] = set()
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/children") as fh:
-                for c in fh.read().split():
-                    out.add(int(c))
-                    out |= _descendants(int(c))
-    except OSError:
-        pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def test_redteam_corpus(ctx):
     c, lsock = ctx
     corpus = cases(c)
     assert len(corpus) >= 30
-    before = _descendants(os.getpid())
+    before = descendants(os.getpid())
     sb = Sandbox(workers=2, timeout_s=1.0, isolation=Isolation.auto, memory_mb=512)
     try:
         assert sb.isolation is Isolation.bwrap_seccomp
@@ -111,7 +100,7 @@ def test_redteam_corpus(ctx):
         after = sb.run(["def evaluate(r):\n    return len(r) == 5\n", "def evaluate(r):\n    return 'x' in r\n"],
                        ["abcde", "xyz", "no"])
         assert [x.value for x in after] == [True, False, False, False, True, False]
-        tree = set(sb.worker_pids).union(*(_descendants(p) for p in sb.worker_pids))
+        tree = set(sb.worker_pids).union(*(descendants(p) for p in sb.worker_pids))
     finally:
         sb.close()
     deadline = time.monotonic() + 3
@@ -120,7 +109,7 @@ def test_redteam_corpus(ctx):
         leftover = [p for p in leftover if os.path.exists(f"/proc/{p}")]
         time.sleep(0.02)
     assert not leftover, f"sandbox processes left behind: {leftover}"
-    assert _descendants(os.getpid()) - before == set()
+    assert descendants(os.getpid()) - before == set()
 
 
 def test_tampering_does_not_leak_to_the_next_function():
