@@ -35,6 +35,7 @@ Life of a worker
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import struct
@@ -213,6 +214,7 @@ _DENY = (
     "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
 )
 _ENOSYS = ("clone3", "openat2")  # glibc falls back to clone/openat, which the rules above/below handle
+_NR_SCMP_ERROR = -1  # libseccomp's resolve_name result for a syscall name unknown on the architecture
 
 
 def build_seccomp_filter():
@@ -226,11 +228,9 @@ def build_seccomp_filter():
     def find_library(name):
         cand = known.get(name)
         if cand:
-            try:
+            with contextlib.suppress(OSError):  # not loadable under that soname: let ctypes search
                 ctypes.CDLL(cand)
                 return cand
-            except OSError:
-                pass
         return orig(name)
 
     ctypes.util.find_library = find_library
@@ -240,30 +240,27 @@ def build_seccomp_filter():
         ctypes.util.find_library = orig
 
     f = sc.SyscallFilter(sc.ALLOW)
+
+    def add_rule(action, name, *args):
+        # libseccomp resolves a name it does not know for this architecture (e.g. ``open`` on
+        # aarch64) to __NR_SCMP_ERROR (-1), which add_rule would reject with EINVAL: there is
+        # nothing to deny then. Any other failure is a broken filter and propagates.
+        nr = sc.resolve_syscall(sc.Arch.NATIVE, name)
+        if nr != _NR_SCMP_ERROR:
+            f.add_rule(action, nr, *args)
+
     eperm, enosys = sc.ERRNO(1), sc.ERRNO(38)
     for name in _DENY:
-        try:
-            f.add_rule(eperm, name)
-        except Exception:  # syscall unknown on this architecture
-            pass
+        add_rule(eperm, name)
     for name in _ENOSYS:
-        try:
-            f.add_rule(enosys, name)
-        except Exception:
-            pass
+        add_rule(enosys, name)
     # no file opened for writing: deny open/openat whose flags ask for write access or creation
     wr = {"O_WRONLY": os.O_WRONLY, "O_RDWR": os.O_RDWR, "O_CREAT": os.O_CREAT, "O_TRUNC": os.O_TRUNC}
     for call, argpos in (("open", 1), ("openat", 2)):
         for bit in wr.values():
-            try:
-                f.add_rule(eperm, call, sc.Arg(argpos, sc.MASKED_EQ, bit, bit))
-            except Exception:
-                pass
+            add_rule(eperm, call, sc.Arg(argpos, sc.MASKED_EQ, bit, bit))
     # ioctl TIOCSTI (terminal injection)
-    try:
-        f.add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, 0x5412))
-    except Exception:
-        pass
+    add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, 0x5412))
     return f
 
 
@@ -339,17 +336,14 @@ def _kill_descendants() -> None:
     """Kill and reap everything left under the zygote (only possible without seccomp)."""
     for _ in range(1000):
         pids = set()
-        try:
+        # a thread that exits meanwhile (or a kernel without .../children) leaves no entry to read
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             for tid in os.listdir("/proc/self/task"):
                 with open(f"/proc/self/task/{tid}/children") as fh:
                     pids.update(int(p) for p in fh.read().split())
-        except OSError:
-            pass
         for p in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited since the listing
                 os.kill(p, 9)
-            except OSError:
-                pass
         reaped = False
         while True:
             try:
@@ -564,10 +558,8 @@ class _Zygote:
                     if len(buf) > max_line + 256:
                         overflow = True
                         buf = bytearray()
-                        try:
+                        with contextlib.suppress(ProcessLookupError):  # the job runner already exited
                             os.kill(pid, 9)
-                        except ProcessLookupError:
-                            pass
 
             while True:
                 for fd, _ev in poller.poll():
@@ -731,10 +723,8 @@ def _job_runner(frame, cfg, fprog, safe_builtins, progress, libc, zygote_pid, de
             if bad or len(buf) > max_line:
                 overflow = not bad
                 buf = bytearray()
-                try:
+                with contextlib.suppress(ProcessLookupError):  # the child already exited
                     os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
         os.close(r)
         _, st = os.waitpid(pid, 0)
         write_all(1, fe(cur, st, bad, overflow))

@@ -22,6 +22,7 @@ introspection can reach other modules. The boundary is the layers above.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -386,8 +387,8 @@ class _Worker:
             os.set_blocking(fd, False)
         try:
             fcntl.fcntl(self.in_fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wakeups for big jobs
-        except OSError:
-            pass
+        except OSError as exc:  # only a hint (EPERM: over fs.pipe-max-size or the user's pipe quota)
+            log.debug("sandbox worker %d: F_SETPIPE_SZ refused, keeping the default pipe size: %s", self.slot, exc)
         self.rbuf = bytearray()
         self.wbuf = []
         self.inflight = []
@@ -424,28 +425,20 @@ class _Worker:
         # outer process would leave orphans for the host's init to reap.
         kids = _children(proc.pid)
         for k in kids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited since the listing
                 os.kill(k, signal.SIGKILL)
-            except OSError:
-                pass
         deadline = time.monotonic() + 1.0
         while kids and time.monotonic() < deadline:
             kids = [k for k in kids if _alive_child_of(k, proc.pid)]
             if kids:
                 time.sleep(0.005)
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the whole group has exited and been reaped
             os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             proc.kill()
-        except OSError:
-            pass
         for f in (proc.stdin, proc.stdout, proc.stderr):
-            try:
+            with contextlib.suppress(BrokenPipeError):  # stdin: flushing to a worker that is gone
                 f.close()
-            except OSError:
-                pass
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered
@@ -459,14 +452,10 @@ class _Worker:
         """Polite shutdown: EOF on stdin makes the zygote exit; then make sure."""
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the worker is already gone: kill() below cleans up
             self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # did not exit in time: kill() below makes sure
             self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
         self.kill()
 
     # -- I/O
@@ -492,14 +481,13 @@ class _Worker:
             raise _WorkerDied(f"select failed: {exc}") from exc
         if w:
             try:
-                while self.wbuf:
-                    k = os.write(self.in_fd, self.wbuf[0])
-                    if k < len(self.wbuf[0]):
-                        self.wbuf[0] = self.wbuf[0][k:]
-                        break
-                    self.wbuf.pop(0)
-            except BlockingIOError:
-                pass
+                with contextlib.suppress(BlockingIOError):  # pipe full: the rest goes out next round
+                    while self.wbuf:
+                        k = os.write(self.in_fd, self.wbuf[0])
+                        if k < len(self.wbuf[0]):
+                            self.wbuf[0] = self.wbuf[0][k:]
+                            break
+                        self.wbuf.pop(0)
             except OSError as exc:
                 raise _WorkerDied(f"worker closed its input: {exc}") from exc
         if self.err_fd in r:
@@ -793,12 +781,11 @@ class _Worker:
 
 def _children(pid: int) -> list[int]:
     out: list[int] = []
-    try:
+    # the process (or one of its threads) exits meanwhile, or the kernel has no .../children
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for t in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{t}/children") as fh:
                 out += [int(c) for c in fh.read().split()]
-    except OSError:
-        pass
     return out
 
 
@@ -933,11 +920,17 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):  # pragma: no cover - best effort
+    def __del__(self, _finalizing=sys.is_finalizing):  # pragma: no cover - best effort
+        if "_lock" not in vars(self):  # __init__ failed before the pool existed: nothing to close
+            return
         try:
             self.close()
         except Exception:
-            pass
+            # at interpreter shutdown, modules may already be torn down; the workers die with this
+            # process anyway (PDEATHSIG / --die-with-parent). Otherwise the failure is reported by
+            # sys.unraisablehook rather than hidden.
+            if not _finalizing():
+                raise
 
     @property
     def worker_pids(self) -> list[int]:
