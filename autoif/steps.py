@@ -175,7 +175,6 @@ def step(
     count as the funnel's ``rows_in`` (default: all inputs). ``key_fields`` limits the config fields in the
     cache key to those the step reads, when it shares a config section with another step."""
     from prefect import task
-    from prefect.cache_policies import NONE
 
     def deco(fn: Callable[..., pd.DataFrame]):
         params = inspect.signature(fn).parameters

@@ -1,9 +1,7 @@
 """The foundation end to end: a real Prefect flow run writes validated Parquet and a linked MLflow run."""
 import json
 
-import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 from mlflow import MlflowClient
 
 from autoif.flows.instructions import build_instructions

@@ -59,7 +59,7 @@ def test_failed_task_retry_on_prefect_server_with_s3_and_mlflow_server(tmp_path,
     assert r.returncode != 0 and "no canned output" in r.stderr + r.stdout
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     import asyncio
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
