@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from autoif.config import RunConfig, SelfInstructConfig
+from autoif.jsonl import iter_jsonl
 from autoif.llm import LLM
 from autoif.schemas.instructions import Instructions, Seeds
 from autoif.steps import step
@@ -54,23 +54,17 @@ def normalise(text: str) -> str:
 def read_seeds(path: Path) -> pd.DataFrame:
     """JSONL ``{"instruction", "family"?}`` or plain text, one instruction per line."""
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SeedFileError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            text = rec.get("instruction") if isinstance(rec, dict) else None
+    if path.suffix == ".jsonl":
+        for lineno, rec in iter_jsonl(path, SeedFileError):
+            text, family = rec.get("instruction"), rec.get("family", "seed")
             if not isinstance(text, str) or not text.strip():
                 raise SeedFileError(f"{path}:{lineno}: field 'instruction' must be a non-empty string")
-            family = rec.get("family", "seed")
             if not isinstance(family, str):
                 raise SeedFileError(f"{path}:{lineno}: field 'family' must be a string")
-        else:
-            text, family = line.strip().removeprefix("- "), "seed"
-        rows.append({"instruction": text.strip(), "family": family})
+            rows.append({"instruction": text.strip(), "family": family})
+    else:
+        rows = [{"instruction": line.strip().removeprefix("- ").strip(), "family": "seed"}
+                for line in path.read_text().splitlines() if line.strip()]
     frame = pd.DataFrame(rows, columns=["instruction", "family"])
     frame["instruction_id"] = frame["instruction"].map(instruction_id)
     frame["reason"] = None

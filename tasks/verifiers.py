@@ -25,6 +25,7 @@ import pandas as pd
 from autoif.config import BackTranslationConfig, CrossValidationConfig, NLIMode, VerifierSynthesisConfig
 from autoif.llm import LLM
 from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, VerifierCandidates
+from autoif.jsonl import iter_jsonl
 from autoif.steps import map_batches, step
 from autoif.tasks.instructions import family_counts
 
@@ -294,14 +295,8 @@ def read_probes(path: str) -> tuple[str, ...]:
     """Probe responses (JSONL ``{"response": str}``): diverse texts every function also runs on, so a function
     that answers the same on all of them and on all its cases is recognised as unable to discriminate."""
     out = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProbeFileError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("response"), str):
+    for lineno, rec in iter_jsonl(path, ProbeFileError):
+        if not isinstance(rec.get("response"), str):
             raise ProbeFileError(f"{path}:{lineno}: field 'response' must be a string")
         out.append(rec["response"])
     return tuple(out)

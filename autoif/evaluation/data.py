@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
 
 import pandas as pd
 
+from autoif.jsonl import iter_jsonl
 from autoif.evaluation.reference import IFBENCH_DIST, IFEVAL_DIST, ifeval_dir, package_dir
 
 
@@ -46,21 +46,6 @@ def default_prompts_path(benchmark: Benchmark | str) -> Path:
     return path
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, object)`` for each non-empty line; a bad line raises with its number."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{i}: not valid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise EvalDataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            yield i, obj
-
-
 def load_prompts(benchmark: Benchmark | str, path: str | Path | None = None) -> pd.DataFrame:
     """IFEval-format prompts: the shipped copy of ``benchmark`` or the JSONL at ``path``.
 
@@ -70,7 +55,7 @@ def load_prompts(benchmark: Benchmark | str, path: str | Path | None = None) -> 
     """
     p = Path(path) if path is not None else default_prompts_path(benchmark)
     rows = []
-    for i, obj in iter_jsonl(p):
+    for i, obj in iter_jsonl(p, EvalDataError):
         missing = [c for c in PROMPT_COLUMNS if c not in obj]
         if missing:
             raise EvalDataError(f"{p}:{i}: missing field(s) {missing}")
@@ -102,7 +87,7 @@ def load_responses(path: str | Path) -> pd.DataFrame:
     """A responses JSONL ``{"prompt", "response"}`` (extra fields are ignored), one row per prompt."""
     p = Path(path)
     rows = []
-    for i, obj in iter_jsonl(p):
+    for i, obj in iter_jsonl(p, EvalDataError):
         for field in ("prompt", "response"):
             if not isinstance(obj.get(field), str):
                 raise EvalDataError(f"{p}:{i}: field {field!r} must be a string")
