@@ -1,22 +1,62 @@
-"""``autoif``: run the pipeline, list runs and steps in the store, show a step's output.
+"""``autoif``: run the pipeline, evaluate a model, list runs and steps in the store, show a step's output,
+compare evaluation runs.
 
 Heavy imports (prefect, mlflow, pandas) happen inside the commands, so ``autoif --help`` is instant.
+
+``run`` and ``eval`` check what they need first (:mod:`autoif.preflight`: no Prefect, a second or two), show
+progress while the flow runs (:mod:`autoif.progress`) and send Prefect's and MLflow's own logging to a log
+file, ``.autoif/logs/<run>-<UTC time>.log``. A failure ends the command with one short message naming the
+step and the file, line or field at fault, and the log file's path; the traceback is in the log file, and
+on the terminal with ``--debug``. Exit codes: 1 a run failed, 2 bad input or config.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import logging
 import os
+import re
+import sys
+import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AutoIF: instruction-following data by code verification.")
 
+LOG_DIR = Path(".autoif/logs")
+DEBUG_HELP = "show tracebacks and Prefect's logs on the terminal"
+EVAL_PREFIXES = ("ifeval.", "ifbench.", "followbench.")
+
 
 class PresetOption(str, Enum):
     code = "code"
     paper = "paper"
+
+
+class BenchmarkChoice(str, Enum):
+    ifeval = "ifeval"
+    ifbench = "ifbench"
+    followbench = "followbench"
+
+
+class EngineChoice(str, Enum):
+    openai = "openai"
+    llamacpp = "llamacpp"
+    vllm = "vllm"
+    scripted = "scripted"
+
+
+@app.callback()
+def main(ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP)) -> None:
+    ctx.obj = {"debug": debug}
+
+
+def _debug(ctx: typer.Context, debug: bool) -> bool:
+    """``--debug`` given to the command or to ``autoif`` itself."""
+    return debug or bool((ctx.obj or {}).get("debug"))
 
 
 def _config(config: Optional[Path], preset: Optional[PresetOption], overrides: list[str]):
@@ -29,39 +69,195 @@ def _config(config: Optional[Path], preset: Optional[PresetOption], overrides: l
         raise typer.Exit(2) from None
 
 
-def _embedded_defaults() -> None:
-    """The embedded default: ephemeral Prefect with state under .autoif/, quiet telemetry."""
+def _embedded_defaults(debug: bool = False) -> None:
+    """The embedded default: ephemeral Prefect with state under .autoif/, quiet telemetry; without --debug,
+    Prefect's console handler (in this process and the worker processes it starts) and MLflow's own logging
+    stay quiet: their records go to the log file (:func:`_library_logs`)."""
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".autoif/prefect").resolve())))
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    if not debug:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+
+
+# --- failures: one short message, the traceback in the log file ---------------------------------------------
+
+
+def _log_path(run_name: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return LOG_DIR / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', run_name)}-{stamp}.log"
+
+
+# errors of the user's input or config (exit 2), by the module that defines them (checked only when loaded)
+_INPUT_ERRORS = (
+    ("autoif.config", "ConfigError"),
+    ("autoif.preflight", "PreflightError"),
+    ("autoif.tasks.seeds", "SeedFileError"),
+    ("autoif.tasks.cross_validation", "ProbeFileError"),
+    ("autoif.evaluation.data", "EvalDataError"),
+    ("autoif.llm.errors", "LLMSetupError"),
+    ("autoif.runtime.recording", "ModelRunNotFound"),
+)
+
+
+def _loaded(module: str, name: str) -> type | None:
+    return getattr(sys.modules[module], name, None) if module in sys.modules else None
+
+
+def _cause(e: BaseException) -> BaseException:
+    """What went wrong: a StepFailed's cause, else the error itself."""
+    step_failed = _loaded("autoif.runtime.orchestration", "StepFailed")
+    return e.cause if step_failed is not None and isinstance(e, step_failed) else e
+
+
+def exit_code(e: BaseException) -> int:
+    """2 for bad input or config (also when a step hit it), 1 for any other failure of a run."""
+    cause = _cause(e)
+    inputs = tuple(c for c in (_loaded(m, n) for m, n in _INPUT_ERRORS) if c is not None)
+    return 2 if isinstance(cause, (FileNotFoundError, *inputs)) else 1
+
+
+def error_message(e: BaseException) -> str:
+    """The message of a failure: StepFailed names the step (and batch), preflight and config errors their key."""
+    named = tuple(c for c in (_loaded("autoif.runtime.orchestration", "StepFailed"), _loaded("autoif.preflight", "PreflightError"),
+                              _loaded("autoif.config", "ConfigError")) if c is not None)
+    return str(e) if isinstance(e, named) else f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def _reported(log_path: Path, debug: bool) -> Iterator[None]:
+    """Turn a failure into one short message on stderr (``--debug``: after the traceback), the traceback into
+    the log file, and exit 1 or 2."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted; log: {log_path}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001  every failure is reported the same way
+        text = "".join(traceback.format_exception(e))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(f"{dt.datetime.now(dt.timezone.utc).isoformat()} autoif failed:\n{text}")
+        if debug:
+            typer.echo(text, err=True)
+        lines = error_message(e).splitlines() or [type(e).__name__]
+        for i, line in enumerate(lines[:3]):
+            typer.secho(f"error: {line}" if i == 0 else f"  {line.strip()}", fg=typer.colors.RED, err=True)
+        more = f"; {len(lines) - 3} more lines there" if len(lines) > 3 else ""
+        hint = "" if debug else " (--debug prints the traceback here)"
+        typer.echo(f"log: {log_path}{more}{hint}", err=True)
+        raise typer.Exit(exit_code(e)) from None
+
+
+# Loggers of the libraries a flow runs on that print to the console by default (or do not propagate).
+_LIBRARY_LOGGERS = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect._internal", "uvicorn", "fastapi",
+                    "mlflow", "alembic", "sqlalchemy.engine", "huey", "distributed")
+
+
+def _is_console(h: logging.Handler) -> bool:
+    if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler):
+        return False
+    std = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return type(h).__module__.split(".")[0] in ("prefect", "mlflow") or getattr(h, "stream", None) in std
+
+
+class _LogFormatter(logging.Formatter):
+    """Names the Prefect flow or task run a record comes from (``[verifier_synthesis[3]]``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f" [{run}]" if run else ""
+        return super().format(record)
+
+
+@contextlib.contextmanager
+def _library_logs(log_path: Path, debug: bool) -> Iterator[None]:
+    """While the block runs: Prefect's, MLflow's and any library's log records (and warnings) go to
+    ``log_path``; their console handlers are taken off, unless ``debug``. Everything is put back after."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(log_path, encoding="utf-8")
+    file.setFormatter(_LogFormatter("%(asctime)s %(levelname)-7s %(name)s%(run)s - %(message)s"))
+    saved = {}
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = list(logger.handlers)
+        kept = logger.handlers if debug else [h for h in logger.handlers if not _is_console(h)]
+        logger.handlers = kept + ([file] if name == "" or not logger.propagate else [])
+    autoif_log = logging.getLogger("autoif")
+    level = autoif_log.level
+    autoif_log.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        autoif_log.setLevel(level)
+        for name, handlers in saved.items():
+            logging.getLogger(name).handlers = handlers
+        file.close()
+
+
+# --- commands -----------------------------------------------------------------------------------------------
 
 
 @app.command()
 def run(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config"),
     preset: Optional[PresetOption] = typer.Option(None, "--preset", help="thresholds: code (published scripts) or paper"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set cross_validation.func_accuracy=0.5"),
     until: Optional[str] = typer.Option(None, "--until", help="stop after this step (e.g. self_instruct, cross_validation)"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run the AutoIF pipeline (Prefect flow; outputs to the store; tracked in MLflow)."""
     cfg = _config(config, preset, set_)
-    _embedded_defaults()
+    debug = _debug(ctx, debug)
+    log_path = _log_path(cfg.run_name)
     from rich.console import Console
 
-    from autoif.flows.instructions import StageAStep
-    from autoif.flows.pipeline import autoif_pipeline
-
-    try:
-        last = StageAStep(until) if until else StageAStep.consistency_filter
-    except ValueError:
-        typer.secho(f"--until: unknown step {until!r}; one of {', '.join(s.value for s in StageAStep)}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     console = Console()
-    with console.status(f"running AutoIF [{cfg.preset.value}] run={cfg.run_name} engine={cfg.engine.kind.value}"):
-        refs = autoif_pipeline(cfg, until=last)
+    with _reported(log_path, debug):
+        from autoif.preflight import check
+
+        check(cfg, until)
+        _embedded_defaults(debug)
+        console.print(f"autoif run {cfg.run_name} [{cfg.preset.value}] engine={cfg.engine.kind.value}"
+                      f"{' until ' + until if until else ''}; log {log_path}", markup=False, highlight=False, soft_wrap=True)
+        from autoif.flows.instructions import StageAStep
+        from autoif.flows.pipeline import run_pipeline
+        from autoif.progress import show_progress
+
+        with _library_logs(log_path, debug), show_progress(console=console):
+            refs = run_pipeline(cfg, until=StageAStep(until) if until else StageAStep.consistency_filter)
+    from autoif.store import Store
+
+    _print_funnel(console, Store.from_config(cfg.store), refs)
     _print_refs(console, refs)
+
+
+def _print_funnel(console, store, refs) -> None:
+    """Every step: rows in, kept, the top drop reasons, the LLM tokens it used (from the manifests)."""
+    from rich.table import Table
+
+    from autoif.progress import human
+
+    table = Table(title="funnel")
+    for col in ("step", "in", "kept", "top drop reasons", "llm tokens"):
+        table.add_column(col, justify="right" if col in ("in", "kept", "llm tokens") else "left")
+    for name, ref in refs.items():
+        m = store.manifest(ref.run, ref.step, ref.key)
+        funnel = (m.meta.get("funnel") if m else None) or {}
+        usage = (m.meta.get("usage") if m else None) or {}
+        reasons = sorted((funnel.get("reasons") or {}).items(), key=lambda kv: -kv[1])[:3]
+        tokens = usage.get("llm_prompt_tokens", 0) + usage.get("llm_completion_tokens", 0)
+        table.add_row(name, str(funnel.get("rows_in", "")), str(funnel.get("rows_out", ref.rows)),
+                      ", ".join(f"{r} {c}" for r, c in reasons) or "-", human(tokens) if usage else "-")
+    console.print(table)
 
 
 def _print_refs(console, refs) -> None:
@@ -73,6 +269,105 @@ def _print_refs(console, refs) -> None:
     for name, ref in refs.items():
         table.add_row(name, str(ref.rows), ref.uri)
     console.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    ctx: typer.Context,
+    benchmark: BenchmarkChoice = typer.Option(BenchmarkChoice.ifeval, "--benchmark", "-b", help="ifeval | ifbench | followbench"),
+    responses: Optional[Path] = typer.Option(None, "--responses", help='score a JSONL of {"prompt", "response"} instead of generating'),
+    engine: Optional[EngineChoice] = typer.Option(None, "--engine", help="engine that answers (default: the config's)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model name (OpenAI server) or label"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
+    model_path: Optional[str] = typer.Option(None, "--model-path", help="GGUF file (llamacpp) or model dir (vllm)"),
+    model_run: Optional[str] = typer.Option(None, "--model-run", help="MLflow run id of the model evaluated (linked by tag)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N items only (smoke runs)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="benchmark file/folder (default: the shipped copy)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set eval.max_tokens=512"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+) -> None:
+    """Evaluate a model (or a responses file) on IFEval, IFBench or FollowBench; results in MLflow."""
+    overrides = list(set_)
+    if engine is not None:
+        overrides.append(f"engine.kind={engine.value}")
+    for key, value in (("engine.model", model), ("engine.base_url", base_url), ("engine.model_path", model_path)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if data is not None:
+        overrides.append(f"eval.{benchmark.value}_path={data}")
+    cfg = _config(config, None, overrides)
+    debug = _debug(ctx, debug)
+    log_path = _log_path(f"{cfg.run_name}-eval-{benchmark.value}")
+    from rich.console import Console
+
+    console = Console()
+    source = f"responses {responses}" if responses else f"engine {cfg.engine.kind.value}:{cfg.engine.model}"
+    with _reported(log_path, debug):
+        from autoif.preflight import check_eval
+
+        check_eval(cfg, benchmark.value, responses)
+        _embedded_defaults(debug)
+        console.print(f"autoif eval {benchmark.value} ({source}); log {log_path}", markup=False, highlight=False, soft_wrap=True)
+        from autoif.flows.evaluate import evaluate
+        from autoif.progress import show_progress
+
+        with _library_logs(log_path, debug), show_progress(console=console):
+            out = evaluate(cfg, benchmark=benchmark.value, responses_path=str(responses) if responses else None,
+                           model_run_id=model_run, limit=limit)
+    _print_metrics(console, f"{benchmark.value} ({source})", out["metrics"])
+    console.print(f"MLflow run: {out['mlflow_run_id']}  scores: {out['scores'].uri}")
+
+
+def _print_metrics(console, title: str, metrics: dict[str, float]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if not float(v).is_integer() or v < 1.5 else f"{int(v)}")
+    console.print(table)
+
+
+@app.command()
+def compare(
+    runs: list[str] = typer.Argument(..., metavar="RUN...", help="MLflow run ids (or run names) to put side by side"),
+    all_metrics: bool = typer.Option(False, "--all", help="show every metric, not only the evaluation ones"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    set_: list[str] = typer.Option([], "--set"),
+) -> None:
+    """Print the evaluation metrics of MLflow runs side by side (e.g. base vs SFT vs DPO)."""
+    cfg = _config(config, None, set_)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from rich.console import Console
+    from rich.table import Table
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    found = []
+    for ref in runs:
+        try:
+            found.append(client.get_run(ref))
+            continue
+        except MlflowException:
+            pass
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        hits = client.search_runs([exp.experiment_id], f"attributes.run_name = '{ref}'", order_by=["start_time DESC"],
+                                  max_results=1) if exp else []
+        if not hits:
+            typer.secho(f"no MLflow run {ref!r} (id or name) in {cfg.tracking.tracking_uri}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        found.append(hits[0])
+    names = sorted({k for r in found for k in r.data.metrics if all_metrics or k.startswith(EVAL_PREFIXES)})
+    table = Table(title="evaluation runs")
+    table.add_column("metric")
+    for r in found:
+        label = r.data.tags.get("autoif.eval.model") or r.info.run_name
+        table.add_column(f"{r.info.run_name}\n{label}\n{r.info.run_id[:8]}", justify="right")
+    for k in names:
+        table.add_row(k, *[f"{r.data.metrics[k]:.4f}" if k in r.data.metrics else "-" for r in found])
+    Console(width=max(120, 40 + 26 * len(found))).print(table)
 
 
 @app.command()
@@ -126,9 +421,3 @@ def show(
     console.print(f"[bold]{uri}[/bold]  rows={len(df)}")
     with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.max_columns", 50):
         typer.echo(df.head(n).to_string())
-
-
-# Further command groups register here (evaluation, training) without importing their heavy modules.
-from autoif.evaluation.cli import register as _register_evaluation  # noqa: E402  (light: typer only)
-
-_register_evaluation(app)

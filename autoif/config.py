@@ -7,8 +7,6 @@ Unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import operator
 from enum import Enum
 from pathlib import Path
@@ -162,12 +160,19 @@ class BackTranslationConfig(_Model):
     max_funcs: int = 3  # the first N surviving functions are back-translated
     temperature: float = 0.0
     max_tokens: int = 512
-    mode: NLIMode = NLIMode.llm_judge
-    nli_model: str | None = None  # local path or id of an NLI classifier (paper: mDeBERTa-v3-base xnli)
-    contradiction_label: str = "contradiction"
-    use_json_schema: bool = True  # constrained decoding of back-translations and judge labels
-    nli_batch_size: int = Field(32, ge=1)  # (premise, hypothesis) pairs per classifier forward pass
+    use_json_schema: bool = True  # constrained decoding of the back-translations
     batch_size: int = Field(256, ge=1)  # instructions per LLM batch / output part
+
+
+class ConsistencyFilterConfig(_Model):
+    mode: NLIMode = NLIMode.llm_judge
+    nli_model: str | None = None  # local path of an NLI classifier (paper: mDeBERTa-v3-base xnli)
+    contradiction_label: str = "contradiction"
+    temperature: float = 0.0  # the LLM judge's sampling
+    max_tokens: int = 512
+    use_json_schema: bool = True  # constrained decoding of the judge's labels
+    nli_batch_size: int = Field(32, ge=1)  # (premise, hypothesis) pairs per classifier forward pass
+    batch_size: int = Field(256, ge=1)  # instructions per batch / output part
 
 
 class QueryAugmentationConfig(_Model):
@@ -224,7 +229,28 @@ class EvalConfig(_Model):
     followbench_path: str | None = None
     max_tokens: int = 1024
     temperature: float = 0.0
-    contamination_ngram: int = 13
+    batch_size: int = Field(32, ge=1)  # prompts per generation batch / output part
+
+
+class TaskRunnerKind(str, Enum):
+    """Where step tasks and batches run: threads of the flow process, a Dask cluster, a Ray cluster."""
+
+    thread = "thread"
+    dask = "dask"
+    ray = "ray"
+
+
+class RuntimeConfig(_Model):
+    """How the flow runs its tasks (not part of any step's cache key: outputs are the same on every runner)."""
+
+    task_runner: TaskRunnerKind = TaskRunnerKind.thread
+    address: str | None = None  # dask: tcp://scheduler:8786; ray: ray://head:10001; None = a local cluster
+    workers: int = Field(2, ge=1)  # local Dask cluster: worker processes; thread runner: threads
+    threads_per_worker: int = Field(1, ge=1)  # local Dask cluster
+    max_batches_in_flight: int = Field(2, ge=1)  # batches of one step submitted at once
+    # where Prefect keeps task results (small: references and counts); None = local Prefect storage, or
+    # <store root>/_prefect_results when the store is on S3 (remote workers need storage they share)
+    result_storage: str | None = None
 
 
 class RunConfig(_Model):
@@ -238,6 +264,7 @@ class RunConfig(_Model):
     verifier_synthesis: VerifierSynthesisConfig = Field(default_factory=VerifierSynthesisConfig)
     cross_validation: CrossValidationConfig
     back_translation: BackTranslationConfig = Field(default_factory=BackTranslationConfig)
+    consistency_filter: ConsistencyFilterConfig = Field(default_factory=ConsistencyFilterConfig)
     query_augmentation: QueryAugmentationConfig = Field(default_factory=QueryAugmentationConfig)
     verification: VerificationConfig
     quality_filter: QualityFilterConfig
@@ -245,16 +272,7 @@ class RunConfig(_Model):
     train: TrainConfig
     online_dpo: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    def step_hash(self, step: str, *extra: Any) -> str:
-        """Stable 12-hex hash of one step's config (plus any extra inputs): part of cache keys and paths."""
-        section = getattr(self, step) if step in type(self).model_fields else None
-        payload = {
-            "step": step,
-            "config": section.model_dump(mode="json") if isinstance(section, BaseModel) else section,
-            "extra": [e.model_dump(mode="json") if isinstance(e, BaseModel) else e for e in extra],
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
 PRESETS: dict[Preset, dict[str, Any]] = {

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import posixpath
+import uuid
 from typing import Callable, Iterable, Sequence
 
 import fsspec
@@ -55,6 +56,26 @@ class Manifest(StepRef):
     meta: dict = {}  # e.g. the step's funnel and metrics
 
 
+class Part(BaseModel):
+    """One written Parquet part of a step output."""
+
+    name: str
+    sha256: str
+    rows: int
+    columns: dict[str, str]
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def concat_parts(tables: list[pa.Table]) -> pa.Table:
+    """Parts written independently may disagree on a column's type where one part had only nulls: the
+    later parts are cast to the first part's schema."""
+    first = tables[0].schema
+    return pa.concat_tables([t if t.schema == first else t.cast(first) for t in tables])
+
+
 class Store:
     def __init__(self, root: str, s3_endpoint_url: str | None = None) -> None:
         self.root = root.rstrip("/")
@@ -76,7 +97,7 @@ class Store:
     def uri(self, run: str, step: str, key: str) -> str:
         return self._protocol + self._dir(run, step, key) if self._protocol else self._dir(run, step, key)
 
-    # --- write ----------------------------------------------------------------------------------------
+    # --- write ---------------------------------------------------------------------------------------
     def write_step(
         self,
         data: pd.DataFrame | Iterable[pd.DataFrame],
@@ -88,51 +109,78 @@ class Store:
         meta: dict | Callable[[], dict] | None = None,
     ) -> Manifest:
         """Validate and write one step output (a frame, or an iterable of frames written as parts, one at a
-        time). ``meta`` may be a callable, evaluated after the last part (e.g. counts gathered while streaming)."""
+        time), then its manifest. ``meta`` may be a callable, evaluated after the last part."""
         d = self._dir(run, step, key)
         if self.fs.exists(d):  # leftovers of a killed write: start clean
             self.fs.rm(d, recursive=True)
-        self.fs.makedirs(d, exist_ok=True)
         frames = [data] if isinstance(data, pd.DataFrame) else data
-        files: dict[str, str] = {}
-        rows = 0
-        columns: dict[str, str] = {}
-        arrow_schema: pa.Schema | None = None
-        for i, frame in enumerate(frames):
-            if schema is not None:
-                frame = validate(frame, schema, step, part=i)
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if arrow_schema is None:
-                # an all-null column of the first part must not fix the type to null for later parts
-                arrow_schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema],
-                                         metadata=table.schema.metadata)
-                table = table.cast(arrow_schema)
-                columns = {f.name: str(f.type) for f in table.schema}
-            elif table.schema != arrow_schema:
-                table = table.cast(arrow_schema)
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
-            name = f"part-{i:05d}.parquet"
-            payload = buf.getvalue()
-            with self.fs.open(posixpath.join(d, name), "wb") as f:
-                f.write(payload)
-            files[name] = hashlib.sha256(payload).hexdigest()
-            rows += table.num_rows
-        if not files:  # an empty iterable still yields a valid, empty step output
+        parts = [self.write_part(frame, run, step, key, i, schema=schema) for i, frame in enumerate(frames)]
+        if not parts:
             raise StepValidationError(f"step {step!r}: no data frames to write")
+        return self.commit(parts, run, step, key, upstream=upstream, meta=(meta() if callable(meta) else meta) or {})
+
+    def write_part(self, frame: pd.DataFrame, run: str, step: str, key: str, index: int, schema=None) -> Part:
+        """Validate and write part ``index`` of a step output. The part appears whole or not at all (a local
+        file is renamed into place; an S3 object exists only once its upload completed)."""
+        if schema is not None:
+            frame = validate(frame, schema, step, part=index)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        # an all-null column must not fix the type to null (later parts hold values)
+        table = table.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema],
+                                     metadata=table.schema.metadata))
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        payload = buf.getvalue()
+        d = self._dir(run, step, key)
+        self.fs.makedirs(d, exist_ok=True)
+        name = part_name(index)
+        target = posixpath.join(d, name)
+        if self._protocol in ("", "file://"):
+            tmp = posixpath.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
+            with self.fs.open(tmp, "wb") as f:
+                f.write(payload)
+            self.fs.mv(tmp, target)
+        else:
+            with self.fs.open(target, "wb") as f:
+                f.write(payload)
+        return Part(name=name, sha256=hashlib.sha256(payload).hexdigest(), rows=table.num_rows,
+                    columns={f.name: str(f.type) for f in table.schema})
+
+    def read_part(self, run: str, step: str, key: str, index: int) -> tuple[pd.DataFrame, Part] | None:
+        """A part written earlier (a batch finished before a crash), or None."""
+        d = self._dir(run, step, key)
+        path = posixpath.join(d, part_name(index))
+        self.fs.invalidate_cache(d)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            payload = f.read()
+        table = pq.read_table(io.BytesIO(payload))
+        part = Part(name=part_name(index), sha256=hashlib.sha256(payload).hexdigest(), rows=table.num_rows,
+                    columns={f.name: str(f.type) for f in table.schema})
+        return table.to_pandas(), part
+
+    def commit(self, parts: Sequence[Part], run: str, step: str, key: str, upstream: Sequence[str] = (),
+               meta: dict | None = None) -> Manifest:
+        """Write the manifest over ``parts`` (in their order): from now on the step counts as done."""
+        if not parts:
+            raise StepValidationError(f"step {step!r}: no parts to commit")
+        files = {p.name: p.sha256 for p in parts}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         manifest = Manifest(
-            run=run, step=step, key=key, uri=self.uri(run, step, key), rows=rows, digest=digest,
-            columns=columns, files=files, upstream=list(upstream), code_version=code_version(),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=(meta() if callable(meta) else meta) or {},
+            run=run, step=step, key=key, uri=self.uri(run, step, key), rows=sum(p.rows for p in parts), digest=digest,
+            columns=parts[0].columns, files=files, upstream=list(upstream), code_version=code_version(),
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {},
         )
-        with self.fs.open(posixpath.join(d, MANIFEST), "w") as f:  # last: marks the step done
+        with self.fs.open(posixpath.join(self._dir(run, step, key), MANIFEST), "w") as f:  # last: marks it done
             f.write(manifest.model_dump_json(indent=2))
         return manifest
 
     # --- read -----------------------------------------------------------------------------------------
     def manifest(self, run: str, step: str, key: str) -> Manifest | None:
-        path = posixpath.join(self._dir(run, step, key), MANIFEST)
+        d = self._dir(run, step, key)
+        path = posixpath.join(d, MANIFEST)
+        self.fs.invalidate_cache(d)  # another process or thread may have committed it since we last listed
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "r") as f:
@@ -148,7 +196,7 @@ class Store:
         for name in sorted(m.files):
             with self.fs.open(posixpath.join(d, name), "rb") as f:
                 tables.append(pq.read_table(f))
-        return pa.concat_tables(tables).to_pandas(), m.uri
+        return concat_parts(tables).to_pandas(), m.uri
 
     def iter_step(self, ref: StepRef, batch_rows: int = 10_000) -> Iterable[pd.DataFrame]:
         """Stream a finished step in batches (bounded memory for large steps)."""
@@ -160,6 +208,19 @@ class Store:
             with self.fs.open(posixpath.join(d, name), "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
                     yield batch.to_pandas()
+
+    def read_columns(self, ref: StepRef, columns: list[str]) -> pd.DataFrame:
+        """Only some columns of a finished step (those it has), all parts."""
+        m = self.manifest(ref.run, ref.step, ref.key)
+        if m is None:
+            raise StepNotFoundError(f"{ref.uri}: no {MANIFEST}; the step never completed")
+        wanted = [c for c in columns if c in m.columns]
+        d = self._dir(ref.run, ref.step, ref.key)
+        tables = []
+        for name in sorted(m.files):
+            with self.fs.open(posixpath.join(d, name), "rb") as f:
+                tables.append(pq.read_table(f, columns=wanted))
+        return concat_parts(tables).to_pandas()
 
     def runs(self) -> list[str]:
         if not self.fs.exists(self._base):

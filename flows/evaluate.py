@@ -12,8 +12,9 @@ from prefect import flow
 
 from autoif.config import EngineConfig, RunConfig
 from autoif.evaluation.data import Benchmark
-from autoif.steps import pipeline
-from autoif.tasks.evaluate import EvalSpec, evaluation_steps, publish_evaluation
+from autoif.flows.steps import EvaluationSteps
+from autoif.runtime.recording import pipeline_run, publish_evaluation
+from autoif.tasks.evaluate import EvalSpec, metrics_of, model_label, tables_of
 
 
 @flow(name="autoif-evaluate", flow_run_name="{cfg.run_name}-eval-{benchmark}", log_prints=True)
@@ -27,12 +28,18 @@ def evaluate(
 ) -> dict[str, Any]:
     """Returns the step outputs (``prompts``, ``responses``, ``scores``), ``metrics`` and ``mlflow_run_id``."""
     spec = EvalSpec(Benchmark(benchmark), responses_path=responses_path, limit=limit, judge=judge)
-    steps = evaluation_steps(spec)
-    with pipeline(cfg, f"eval-{spec.benchmark.value}") as ctx:
-        prompts = steps.prompts()
-        responses = steps.responses(prompts=prompts)
-        scores = steps.scores(prompts=prompts, responses=responses)
-        metrics = publish_evaluation(ctx, spec, scores, responses, model_run_id)
-        print(f"{spec.benchmark.value}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("acc") or k.startswith(("hsr", "ssr", "csl"))))
+    steps = EvaluationSteps(spec)
+    with pipeline_run(cfg, f"eval-{spec.benchmark.value}") as run:
+        prompts = steps.prompts(run)
+        responses = steps.responses(run, prompts=prompts)
+        scores = steps.scores(run, prompts=prompts, responses=responses)
+        # publish: metrics, per-type tables and responses on the MLflow run, linked to the model's run
+        scored, _ = run.store.read_step(scores)
+        answered, _ = run.store.read_step(responses)
+        metrics = metrics_of(spec.benchmark, scored)
+        publish_evaluation(run, spec.benchmark.value, model_label(spec, cfg.engine), metrics,
+                           tables_of(spec.benchmark, scored), answered, model_run_id)
+        print(f"{spec.benchmark.value}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                   if k.endswith("acc") or k.startswith(("hsr", "ssr", "csl"))))
         return {"prompts": prompts, "responses": responses, "scores": scores, "metrics": metrics,
-                "mlflow_run_id": ctx.parent_run_id}
+                "mlflow_run_id": run.parent_run_id}

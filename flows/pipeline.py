@@ -6,16 +6,22 @@ import datetime as dt
 from prefect import flow
 
 from autoif.config import RunConfig, load_config
-from autoif.flows.instructions import StageAStep, build_instructions
+from autoif.flows.instructions import StageAStep, stage_a
+from autoif.runtime import task_runner
+from autoif.runtime.recording import pipeline_run
 from autoif.store import StepRef
 
 
 @flow(name="autoif-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
 def autoif_pipeline(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
     """Stage A (instructions, verifiers); stages B and C join as they land. ``until`` stops after a step."""
-    refs: dict[str, StepRef] = {}
-    refs.update(build_instructions(cfg, until=until))
-    return refs
+    with pipeline_run(cfg, "pipeline") as run:
+        return stage_a(run, until)
+
+
+def run_pipeline(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
+    """The pipeline flow on the task runner ``cfg.runtime`` names (threads, a Dask or a Ray cluster)."""
+    return autoif_pipeline.with_options(task_runner=task_runner(cfg.runtime))(cfg, until=until)
 
 
 @flow(name="autoif-scheduled", log_prints=True)
@@ -28,4 +34,4 @@ def scheduled_pipeline(
     """Deployment entry point: load the config file, name the run by date so each schedule makes fresh data."""
     cfg = load_config(config_path, preset, overrides or [])
     name = run_name_template.format(run_name=cfg.run_name, date=dt.date.today().isoformat())
-    return autoif_pipeline(cfg.model_copy(update={"run_name": name}))
+    return run_pipeline(cfg.model_copy(update={"run_name": name}))

@@ -63,7 +63,7 @@ project_python() {
 ensure_model() {
   if [[ -n "${AUTOIF_VLLM_MODEL:-}" ]]; then echo "$MODEL_DIR"; return 0; fi
   PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 "$(project_python)" -c \
-    "import sys; from autoif.tiny_models import build_tiny_qwen2; print(build_tiny_qwen2(sys.argv[1]))" \
+    "import sys; from tests.tiny_models import build_tiny_qwen2; print(build_tiny_qwen2(sys.argv[1]))" \
     "$MODEL_DIR"
 }
 

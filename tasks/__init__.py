@@ -1,2 +1,2 @@
-"""AutoIF steps as pure functions of frames, wrapped into cached, retryable Prefect tasks by
-:func:`autoif.steps.step` (installed as ``autoif.tasks``)."""
+"""AutoIF steps as plain functions of frames and config (installed as ``autoif.tasks``). Nothing here imports
+Prefect, the store or MLflow: ``autoif.flows.steps`` declares them as steps and ``autoif.runtime`` runs them."""

@@ -1,10 +1,10 @@
-"""Step 12: evaluation (IFEval, IFBench, FollowBench) as steps of :func:`autoif.steps.step`.
+"""Step 12: evaluation (IFEval, IFBench, FollowBench), as plain functions of frames and config.
 
 Three steps per benchmark, named ``<benchmark>_prompts``, ``<benchmark>_responses``, ``<benchmark>_scores``:
-load the benchmark (the shipped copy or a local file), answer it (the configured engine, or a responses
-JSONL made elsewhere), score it (reference checkers; FollowBench rules + an LLM judge). What one
+load the benchmark (the shipped copy or a local file), answer it (the configured engine, in batches, or a
+responses JSONL made elsewhere), score it (reference checkers; FollowBench rules + an LLM judge). What one
 evaluation is beyond the RunConfig (benchmark, responses file, limit, judge engine) is an
-:class:`EvalSpec`; the steps are built for it by :func:`evaluation_steps` and keyed by it.
+:class:`EvalSpec`; the flows' step table builds the steps for it (``autoif.flows.steps.EvaluationSteps``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -21,22 +21,8 @@ from autoif.config import EngineConfig, EvalConfig
 from autoif.evaluation import followbench as fb
 from autoif.evaluation import verifiable
 from autoif.evaluation.data import Benchmark, EvalDataError, default_prompts_path, load_prompts, load_responses
-from autoif.schemas.evaluation import EvalPrompts, EvalResponses, FollowBenchScores, InstructionScores
-from autoif.steps import Step, step
-
-# progress of long steps, for the CLI's progress bar: hook(stage, done, total)
-_progress_hook: Callable[[str, int, int], None] | None = None
-
-
-def set_progress_hook(hook: Callable[[str, int, int], None] | None) -> None:
-    global _progress_hook
-    _progress_hook = hook
-
-
-def _progress(stage: str, done: int, total: int) -> None:
-    if _progress_hook is not None:
-        _progress_hook(stage, done, total)
-
+from autoif.llm import generate_each
+from autoif.tasks.batching import empty_frame, row_batches
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -48,12 +34,12 @@ class EvalSpec:
     judge: EngineConfig | None = None  # FollowBench judge; None = the run's engine
 
 
-def prompts_path(spec: EvalSpec, cfg: EvalConfig) -> Path:
+def prompts_path(benchmark: Benchmark, cfg: EvalConfig) -> Path:
     local = {Benchmark.ifeval: cfg.ifeval_path, Benchmark.ifbench: cfg.ifbench_path,
-             Benchmark.followbench: cfg.followbench_path}[spec.benchmark]
+             Benchmark.followbench: cfg.followbench_path}[benchmark]
     if local:
         return Path(local)
-    return default_prompts_path(spec.benchmark)  # FollowBench: raises, it ships in no package
+    return default_prompts_path(benchmark)  # FollowBench: raises, it ships in no package
 
 
 def _digest(path: Path) -> str:
@@ -101,45 +87,32 @@ def benchmark_items(benchmark: Benchmark, path: Path, limit: int | None = None) 
     })
 
 
-def generate_responses(prompts: pd.DataFrame, llm: Any, cfg: EvalConfig, seed: int, batch_size: int = 32) -> pd.DataFrame:
-    """One greedy (by default) response per item to answer, in batches so progress can be shown.
-
-    A batch the engine rejects (e.g. a prompt longer than the model's context: HTTP 400) is retried prompt
-    by prompt; a prompt that still fails keeps a dropped row (``reason`` = ``generation_failed``, the error
-    in ``error``) and is scored as an empty response, so the benchmark's denominators stay whole.
-    """
-    from autoif.llm.openai_http import LLMError
-
-    todo = prompts[prompts["to_answer"]].reset_index(drop=True)
-    responses: list[str] = []
-    errors: list[str | None] = []
-
-    def ask(batch: list[str]) -> list[str]:
-        outs = llm.generate(batch, n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed)
-        return [o[0] if o else "" for o in outs]
-
-    for start in range(0, len(todo), batch_size):
-        batch = todo["prompt"].iloc[start : start + batch_size].tolist()
-        try:
-            responses.extend(ask(batch))
-            errors.extend([None] * len(batch))
-        except (LLMError, ValueError):
-            for prompt in batch:
-                try:
-                    responses.extend(ask([prompt]))
-                    errors.append(None)
-                except (LLMError, ValueError) as e:
-                    responses.append("")
-                    errors.append(f"{type(e).__name__}: {e}"[:500])
-        _progress("generate", len(responses), len(todo))
-    return pd.DataFrame({"item_id": todo["item_id"], "prompt": todo["prompt"], "response": responses,
-                         "source": "engine", "error": errors,
-                         "reason": [None if e is None else "generation_failed" for e in errors]})
+RESPONSE_COLUMNS = ["item_id", "prompt", "response", "source", "error", "reason"]
 
 
-def responses_from_file(prompts: pd.DataFrame, path: Path) -> pd.DataFrame:
+def answer_batches(prompts: Iterable[pd.DataFrame], cfg: EvalConfig) -> Iterator[pd.DataFrame]:
+    """The items to answer, ``batch_size`` per batch (a FollowBench level 0 is context, never answered)."""
+    return row_batches((p[p["to_answer"]] for p in prompts), cfg.batch_size)
+
+
+def no_responses() -> pd.DataFrame:
+    return empty_frame(RESPONSE_COLUMNS)
+
+
+def answer_batch(batch: pd.DataFrame, llm: Any, cfg: EvalConfig, seed: int) -> pd.DataFrame:
+    """One greedy (by default) response per item. A prompt the engine refuses (e.g. longer than the model's
+    context) keeps a dropped row (``reason``: the engine's reason, e.g. ``prompt_too_long``; the message in
+    ``error``) and is scored as an empty response, so the benchmark's denominators stay whole."""
+    gen = generate_each(llm, batch["prompt"].tolist(), n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                        seed=seed)
+    return pd.DataFrame({"item_id": batch["item_id"].tolist(), "prompt": batch["prompt"].tolist(),
+                         "response": [t[0] if t else "" for t in gen.texts], "source": "engine",
+                         "error": gen.details, "reason": gen.errors}, columns=RESPONSE_COLUMNS)
+
+
+def responses_from_file(prompts: pd.DataFrame, path: str) -> pd.DataFrame:
     """A responses JSONL joined to the items on the prompt text; unanswered items are kept as dropped rows."""
-    given = load_responses(path)
+    given = load_responses(Path(path))
     todo = prompts[prompts["to_answer"]]
     merged = todo[["item_id", "prompt"]].merge(given, on="prompt", how="left")
     missing = merged["response"].isna()
@@ -155,7 +128,6 @@ def score_items(
     cfg: EvalConfig | None = None, seed: int | None = 0,
 ) -> pd.DataFrame:
     """Scores of every answered item (an unanswered one scores as an empty response: it fails)."""
-    _progress("score", 0, 1)
     if benchmark is Benchmark.followbench:
         data = prompts.rename(columns={"prompt": "instruction"})[fb.COLUMNS]
         answered = data[data["level"] >= 1][["instruction"]].rename(columns={"instruction": "prompt"})
@@ -169,7 +141,6 @@ def score_items(
         })
         out = verifiable.score_instructions(items, responses[["prompt", "response"]], benchmark, allow_missing=True)
         out["reason"] = out["error"].where(out["strict"].isna()).map(lambda e: None if pd.isna(e) else "unscored")
-    _progress("score", 1, 1)
     return out
 
 
@@ -186,124 +157,44 @@ def tables_of(benchmark: Benchmark, scores: pd.DataFrame) -> dict[str, pd.DataFr
     return {"per_type": verifiable.per_type_table(scores), "per_group": verifiable.per_type_table(scores, "instruction_group")}
 
 
-# --- the steps of one evaluation --------------------------------------------------------------------------
+# --- the step functions of one evaluation (declared as steps in autoif.flows.steps) -----------------------
 
 
-@dataclass
-class EvalSteps:
-    prompts: Step
-    responses: Step
-    scores: Step
+def load_benchmark(cfg: EvalConfig, benchmark: Benchmark, limit: int | None) -> pd.DataFrame:
+    return benchmark_items(benchmark, prompts_path(benchmark, cfg), limit)
 
 
-def evaluation_steps(spec: EvalSpec) -> EvalSteps:
-    """The three steps of ``spec``, keyed by it (file digests, limit, judge, reference package versions)."""
-    b = spec.benchmark
-
-    def prompts_key(cfg) -> dict:
-        return {"file": _digest(prompts_path(spec, cfg.eval)), "limit": spec.limit}
-
-    @step(f"{b.value}_prompts", schema=EvalPrompts, config="eval", key_extra=prompts_key)
-    def load_items(cfg: EvalConfig) -> pd.DataFrame:
-        return benchmark_items(b, prompts_path(spec, cfg), spec.limit)
-
-    if spec.responses_path is not None:
-        path = Path(spec.responses_path)
-        if not path.exists():
-            raise EvalDataError(f"{path}: responses file not found")
-
-        @step(f"{b.value}_responses", schema=EvalResponses, key_extra=lambda cfg: {"file": _digest(path)})
-        def answer(prompts: pd.DataFrame) -> pd.DataFrame:
-            return responses_from_file(prompts, path)
-    else:
-
-        @step(f"{b.value}_responses", schema=EvalResponses, config="eval", uses_llm=True)
-        def answer(prompts: pd.DataFrame, llm, cfg: EvalConfig, seed: int) -> pd.DataFrame:
-            return generate_responses(prompts, llm, cfg, seed)
-
-    score_schema = FollowBenchScores if b is Benchmark.followbench else InstructionScores
-    extra = {"reference": _reference_versions(), "judge": spec.judge.model_dump(mode="json") if spec.judge else None}
-
-    if b is Benchmark.followbench and spec.judge is None:
-
-        @step(f"{b.value}_scores", schema=score_schema, config="eval", uses_llm=True, key_extra=lambda cfg: extra,
-              metrics=lambda df: metrics_of(b, df))
-        def score(prompts: pd.DataFrame, responses: pd.DataFrame, llm, cfg: EvalConfig, seed: int) -> pd.DataFrame:
-            return score_items(b, prompts, responses, judge=llm, cfg=cfg, seed=seed)
-    else:
-
-        @step(f"{b.value}_scores", schema=score_schema, config="eval", key_extra=lambda cfg: extra,
-              metrics=lambda df: metrics_of(b, df))
-        def score(prompts: pd.DataFrame, responses: pd.DataFrame, cfg: EvalConfig, seed: int) -> pd.DataFrame:
-            judge = None
-            if spec.judge is not None:
-                from autoif.llm import make_llm
-
-                judge = make_llm(spec.judge)
-            return score_items(b, prompts, responses, judge=judge, cfg=cfg, seed=seed)
-
-    return EvalSteps(prompts=load_items, responses=answer, scores=score)
+def prompts_key(spec: EvalSpec, cfg) -> dict:
+    """The benchmark file's content: what the prompts step is keyed by, beyond benchmark and limit."""
+    return {"file": _digest(prompts_path(spec.benchmark, cfg.eval))}
 
 
-# --- publishing (flow level: MLflow parent run + Prefect artifacts) ---------------------------------------
+def responses_key(spec: EvalSpec, cfg) -> dict:
+    path = Path(spec.responses_path)
+    if not path.exists():
+        raise EvalDataError(f"{path}: responses file not found")
+    return {"file": _digest(path)}
 
-EVAL_TAG_BENCHMARK = "autoif.eval.benchmark"
-EVAL_TAG_MODEL = "autoif.eval.model"
-EVAL_TAG_MODEL_RUN = "autoif.eval.model_run_id"  # the MLflow run of the model being evaluated
+
+def scores_key(cfg) -> dict:
+    return {"reference": _reference_versions()}
 
 
-class ModelRunNotFound(LookupError):
-    pass
+def needs_judge(spec: EvalSpec) -> bool:
+    """FollowBench's non-rule categories are judged by an LLM (the spec's judge, else the run's engine)."""
+    return spec.benchmark is Benchmark.followbench
+
+
+def score(prompts: pd.DataFrame, responses: pd.DataFrame, cfg: EvalConfig, benchmark: Benchmark) -> pd.DataFrame:
+    return score_items(benchmark, prompts, responses, cfg=cfg)
+
+
+def score_with_judge(prompts: pd.DataFrame, responses: pd.DataFrame, llm: Any, cfg: EvalConfig, seed: int,
+                     benchmark: Benchmark) -> pd.DataFrame:
+    return score_items(benchmark, prompts, responses, judge=llm, cfg=cfg, seed=seed)
 
 
 def model_label(spec: EvalSpec, engine: EngineConfig) -> str:
     if spec.responses_path is not None:
         return f"file:{Path(spec.responses_path).name}"
     return f"{engine.kind.value}:{engine.model}"
-
-
-def publish_evaluation(ctx, spec: EvalSpec, scores_ref, responses_ref, model_run_id: str | None) -> dict[str, float]:
-    """Metrics, per-type tables and the responses file on the evaluation's MLflow run; tags linking it to
-    the evaluated model's run (and back); a Prefect table artifact of the per-type table."""
-    from mlflow.entities import Metric
-
-    from autoif.steps import _artifact_markdown, _artifact_table
-
-    b = spec.benchmark
-    client, run_id = ctx.tracker.client, ctx.parent_run_id
-    if model_run_id is not None:
-        try:
-            client.get_run(model_run_id)
-        except Exception as e:  # noqa: BLE001  MLflow raises its own RestException/MlflowException here
-            raise ModelRunNotFound(f"model run {model_run_id!r} not found in {ctx.tracker.tracking_uri}: {e}") from None
-        client.set_tag(run_id, EVAL_TAG_MODEL_RUN, model_run_id)
-        client.set_tag(model_run_id, f"autoif.eval.{b.value}.run_id", run_id)  # the model run points back
-    client.set_tag(run_id, EVAL_TAG_BENCHMARK, b.value)
-    client.set_tag(run_id, EVAL_TAG_MODEL, model_label(spec, ctx.cfg.engine))
-
-    scores, _ = ctx.store.read_step(scores_ref)
-    responses, _ = ctx.store.read_step(responses_ref)
-    values = metrics_of(b, scores)
-    client.log_batch(run_id, metrics=[Metric(f"{b.value}.{k}", float(v), 0, 0) for k, v in values.items() if v == v])
-    client.log_text(run_id, json.dumps(values, indent=2), f"{b.value}/metrics.json")
-    for name, table in tables_of(b, scores).items():
-        client.log_text(run_id, table.to_csv(index=False), f"{b.value}/{name}.csv")
-        client.log_text(run_id, table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False),
-                        f"{b.value}/{name}.md")
-        _artifact_table(f"{ctx.cfg.run_name}-{b.value}-{name}", table.to_dict(orient="records"),
-                        f"{b.value} {name.replace('_', ' ')} ({model_label(spec, ctx.cfg.engine)})")
-    lines = "".join(json.dumps({"prompt": p, "response": r}, ensure_ascii=False) + "\n"
-                    for p, r in zip(responses["prompt"], responses["response"]))
-    client.log_text(run_id, lines, f"{b.value}/responses.jsonl")
-    headline = "\n".join(f"| {k} | {v:.4f} |" for k, v in values.items())
-    _artifact_markdown(f"{ctx.cfg.run_name}-{b.value}-metrics", f"| metric | value |\n|---|---:|\n{headline}",
-                       f"{b.value} metrics of {model_label(spec, ctx.cfg.engine)}")
-    return values
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -64,14 +64,6 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(f)
 
 
-def test_step_hash_is_stable_and_sensitive():
-    a, b = load_config(), load_config()
-    assert a.step_hash("cross_validation") == b.step_hash("cross_validation")
-    c = load_config(overrides=["cross_validation.func_accuracy=0.9"])
-    assert a.step_hash("cross_validation") != c.step_hash("cross_validation")
-    assert a.step_hash("self_instruct") == c.step_hash("self_instruct")
-
-
 def test_overrides_never_change_the_presets():
     load_config(overrides=["cross_validation.func_accuracy=0.1", "verification.pass_rate.op=>="])
     fresh = load_config()

@@ -68,7 +68,7 @@ def test_ifeval_flow_with_engine(prefect_harness, make_cfg, tmp_path):
 def test_ifbench_flow_from_responses_file_and_cli_compare(prefect_harness, make_cfg, tmp_path):
     from typer.testing import CliRunner
 
-    from autoif.evaluation.cli import eval_app_for_tests
+    from autoif.cli import app
 
     sample = evdata.default_prompts_path("ifbench").parent / "sample_output.jsonl"
     cfg = make_cfg({"run_name": "evfile"}, script=[])
@@ -83,7 +83,6 @@ def test_ifbench_flow_from_responses_file_and_cli_compare(prefect_harness, make_
     worse = tmp_path / "worse.jsonl"
     worse.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"] if i % 2 else ""}) + "\n"
                              for i, r in enumerate(rows)))
-    app = eval_app_for_tests()
     runner = CliRunner()
     args = ["--set", f"store.root={cfg.store.root}", "--set", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
             "--set", "run_name=evfile"]
@@ -126,16 +125,18 @@ def test_followbench_flow_with_judge(prefect_harness, make_cfg):
 
 def test_generation_failures_are_kept_as_dropped_rows():
     from autoif.config import EvalConfig
-    from autoif.tasks.evaluate import generate_responses
+    from autoif.llm import LLMContextOverflowError
+    from autoif.tasks.evaluate import answer_batch
 
     class Engine:  # rejects one prompt, as a server rejects a prompt longer than its context
         def generate(self, prompts, n=1, temperature=0.0, max_tokens=512, seed=None, json_schema=None):
-            if "too long" in " ".join(prompts):
-                raise ValueError("prompt exceeds the context window")
+            for i, p in enumerate(prompts):
+                if "too long" in p:
+                    raise LLMContextOverflowError("prompt exceeds the context window", prompt_index=i)
             return [[p.upper()] for p in prompts]
 
     prompts = pd.DataFrame({"item_id": ["1", "2", "3"], "prompt": ["a", "too long", "c"], "to_answer": True})
-    out = generate_responses(prompts, Engine(), EvalConfig(), seed=0, batch_size=2)
+    out = answer_batch(prompts, Engine(), EvalConfig(), seed=0)
     assert out["response"].tolist() == ["A", "", "C"]
-    assert out["reason"].isna().tolist() == [True, False, True] and out["reason"].iloc[1] == "generation_failed"
+    assert out["reason"].isna().tolist() == [True, False, True] and out["reason"].iloc[1] == "prompt_too_long"
     assert "context window" in out["error"].iloc[1]

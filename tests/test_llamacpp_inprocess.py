@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 
 from autoif.config import EngineConfig, EngineKind
-from autoif.llm import LLM, make_llm
-from autoif.llm.llamacpp import LlamaCppError, LlamaCppLLM, default_gguf_path
+from autoif.llm import LLM, LLMContextOverflowError, LLMSetupError, generate_each, make_llm
+from autoif.llm.llamacpp import LlamaCppLLM, default_gguf_path
 
 pytestmark = pytest.mark.slow
 
@@ -62,5 +62,24 @@ def test_chat_with_json_schema_grammar():
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path):
-    with pytest.raises(LlamaCppError, match="not found"):
+    with pytest.raises(LLMSetupError, match="not found"):
         LlamaCppLLM(model_path=tmp_path / "nope.gguf")
+
+
+def test_prompt_longer_than_the_context_costs_only_its_row():
+    llm = LlamaCppLLM(chat=False, n_ctx=256, n_threads=2)
+    long_prompt = " ".join(f"word{i}" for i in range(2000))
+    short = "The capital of France is"
+    try:
+        with pytest.raises(LLMContextOverflowError, match="exceed context window of 256") as info:
+            llm.generate([long_prompt, short], n=2, temperature=0.8, max_tokens=8, seed=5)
+        assert info.value.reason == "prompt_too_long" and info.value.prompt_index == 0
+        assert llm.usage.errors == {"prompt_too_long": 1}
+        gens = generate_each(llm, [long_prompt, short], n=2, temperature=0.8, max_tokens=8, seed=5)
+        # the short prompt keeps the seeds it has in the batch (seed + 1 * n): the same texts as asked alone
+        alone = llm.generate([short], n=2, temperature=0.8, max_tokens=8, seed=7)[0]
+    finally:
+        llm.close()
+    assert gens.errors == ["prompt_too_long", None] and gens.texts[0] is None
+    assert "exceed context window" in gens.details[0]
+    assert gens.texts[1] == alone and all(isinstance(t, str) and t for t in alone)

@@ -15,10 +15,10 @@ import pytest
 from tests.conftest import descendants
 
 from autoif.sandbox import CallResult, Isolation, Outcome, Sandbox, SandboxError, shared_sandbox
-from autoif.sandbox import core
-from autoif.sandbox._worker import normalise
+from autoif.sandbox import core, isolation
+from autoif.sandbox.execution import normalise
 
-SECURE = bool(core._which_bwrap() and core._pyseccomp_available() and os.getuid() == 0)
+SECURE = bool(isolation.which_bwrap() and isolation.pyseccomp_available() and os.getuid() == 0)
 secure_only = pytest.mark.skipif(not SECURE, reason="needs bubblewrap + pyseccomp as root")
 
 
@@ -229,7 +229,7 @@ def test_output_is_capped():
 
 
 def test_isolation_none_runs_in_process_for_trusted_code():
-    core._warned.discard("none")
+    isolation._warned.discard("none")
     with pytest.warns(RuntimeWarning, match="isolation=none"):
         s = Sandbox(isolation="none")
     with s:
@@ -240,8 +240,8 @@ def test_isolation_none_runs_in_process_for_trusted_code():
 
 
 def test_fallback_warns_once_and_names_the_weaker_mode(monkeypatch):
-    monkeypatch.setattr(core, "_which_bwrap", lambda: None)
-    core._warned.clear()
+    monkeypatch.setattr(isolation, "which_bwrap", lambda: None)
+    isolation._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s1 = Sandbox(workers=1, timeout_s=1.0)
@@ -249,7 +249,7 @@ def test_fallback_warns_once_and_names_the_weaker_mode(monkeypatch):
     try:
         msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         assert len(msgs) == 1, msgs
-        expected = "seccomp" if core._pyseccomp_available() else "process"
+        expected = "seccomp" if isolation.pyseccomp_available() else "process"
         assert f"WEAKER isolation mode '{expected}'" in msgs[0] and "bubblewrap" in msgs[0]
         assert s1.isolation.value == expected
         assert s1.run(["def evaluate(r):\n    return True\n"], ["x"])[0].value is True

@@ -18,12 +18,12 @@ import pytest
 from tests.conftest import descendants
 
 from autoif.sandbox import Isolation, Outcome, Sandbox
-from autoif.sandbox.core import _pyseccomp_available, _which_bwrap
+from autoif.sandbox.isolation import pyseccomp_available, which_bwrap
 
 from redteam.corpus import PROBES, TAMPER, Ctx, cases  # tests/ is on sys.path (rootdir import mode)
 
 pytestmark = pytest.mark.skipif(
-    not (_which_bwrap() and _pyseccomp_available() and os.getuid() == 0),
+    not (which_bwrap() and pyseccomp_available() and os.getuid() == 0),
     reason="secure mode needs bubblewrap + pyseccomp and root (run infra/install_sandbox_deps.sh)",
 )
 
@@ -134,12 +134,12 @@ def test_tampering_does_not_leak_to_the_next_function():
 def test_spies_do_find_the_marker_without_isolation(ctx):
     """Positive control: the input-stealing spy is not vacuous; in-process (isolation=none) it
     does find the other call's input."""
-    from autoif.sandbox import core
+    from autoif.sandbox import isolation
 
     c, _ = ctx
     spies = [k for k in cases(c) if k.name == "read_other_input_gc"]
     funcs = ["def evaluate(r):\n    return True\n"] + [k.src for k in spies]
-    core._warned.discard("none")
+    isolation._warned.discard("none")
     with pytest.warns(RuntimeWarning, match="isolation=none"):
         sb = Sandbox(isolation=Isolation.none)
     with sb:

@@ -12,8 +12,11 @@ from mlflow import MlflowClient
 
 from autoif.flows.instructions import build_instructions
 from autoif.store import Store
-from autoif.tasks.instructions import SELF_INSTRUCT_PROMPT, read_seeds
-from autoif.tasks.verifiers import JUDGE_PROMPT, back_translation_prompt, verifier_prompt
+from autoif.tasks.back_translation import back_translation_prompt
+from autoif.tasks.consistency_filter import JUDGE_PROMPT
+from autoif.tasks.seeds import read_seeds
+from autoif.tasks.self_instruct import SELF_INSTRUCT_PROMPT
+from autoif.tasks.verifier_synthesis import verifier_prompt
 
 DATA = Path(__file__).parent / "data" / "stage_a"
 SEEDS = DATA / "seeds.jsonl"
@@ -125,7 +128,7 @@ def script(cfg) -> list[dict]:
 
 OVERRIDES = {"run_name": "stage-a", "self_instruct.seeds_path": str(SEEDS), "self_instruct.n_calls": 3,
              "verifier_synthesis.n_completions": 4, "verifier_synthesis.batch_size": 3, "cross_validation.batch_size": 3,
-             "back_translation.batch_size": 2, "back_translation.mode": "llm_judge"}
+             "back_translation.batch_size": 2, "consistency_filter.batch_size": 2, "consistency_filter.mode": "llm_judge"}
 
 
 def frame(store: Store, ref) -> pd.DataFrame:
@@ -233,6 +236,7 @@ def test_failed_batch_resumes_from_that_batch(prefect_harness, make_cfg, tmp_pat
     from prefect.client.orchestration import get_client
 
     from autoif.llm.scripted import MissingScriptError
+    from autoif.runtime import StepFailed
     from tests.conftest import write_script
 
     overrides = {**OVERRIDES, "run_name": "stage-a-resume"}
@@ -240,8 +244,10 @@ def test_failed_batch_resumes_from_that_batch(prefect_harness, make_cfg, tmp_pat
     full = script(cfg)
     broken = [r for r in full if r["prompt"] != verifier_prompt(THREE, cfg.verifier_synthesis)]  # batch 2 = COMMAS, THREE
     cfg = make_cfg(overrides, script=broken)
-    with pytest.raises(MissingScriptError):
+    with pytest.raises(StepFailed) as failed:
         build_instructions(cfg, until="verifier_synthesis")
+    assert failed.value.step == "verifier_synthesis" and failed.value.batch == 2
+    assert isinstance(failed.value.cause, MissingScriptError)
     write_script(tmp_path / "script.jsonl", full)
     refs = build_instructions(cfg, until="verifier_synthesis")
 

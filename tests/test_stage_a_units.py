@@ -5,15 +5,12 @@ import pandas as pd
 import pytest
 
 from autoif.config import load_config
-from autoif.tasks.instructions import NearDuplicateIndex, parse_instruction_lines
-from autoif.tasks.verifiers import (
-    consistency_filter,
-    group_batches,
-    normalise_label,
-    parse_back_translation,
-    parse_judge_label,
-    parse_verifier,
-)
+from autoif.flows.steps import consistency_filter
+from autoif.tasks.back_translation import parse_back_translation
+from autoif.tasks.batching import group_batches, row_batches
+from autoif.tasks.consistency_filter import parse_judge_label
+from autoif.tasks.self_instruct import NearDuplicateIndex, parse_instruction_lines
+from autoif.tasks.verifier_synthesis import normalise_label, parse_verifier
 
 CFG = load_config(preset="code", overrides={"verifier_synthesis.max_func_chars": 200, "verifier_synthesis.max_case_chars": 20})
 VCFG = CFG.verifier_synthesis
@@ -120,7 +117,7 @@ def test_back_translation_and_judge_parsing():
 
 @pytest.fixture(scope="module")
 def tiny_nli(tmp_path_factory):
-    from autoif.tiny_models import build_tiny_nli_classifier
+    from tests.tiny_models import build_tiny_nli_classifier
 
     return build_tiny_nli_classifier(tmp_path_factory.mktemp("nli") / "model")
 
@@ -147,17 +144,18 @@ def _biased_copy(src, dst, favour: str, reorder: bool):
 @pytest.mark.parametrize("favour, reorder, reason", [("contradiction", True, "contradiction"), ("entailment", True, None),
                                                      ("neutral", False, None)])
 def test_nli_mode_uses_the_models_labels_and_loads_once(tiny_nli, tmp_path, favour, reorder, reason):
-    from autoif.tasks import verifiers
+    from autoif.runtime import resources
 
     path = _biased_copy(tiny_nli, tmp_path / favour, favour, reorder)
-    cfg = load_config(preset="code", overrides={"back_translation.mode": "nli", "back_translation.nli_model": path,
-                                                "back_translation.nli_batch_size": 2})
+    cfg = load_config(preset="code", overrides={"consistency_filter.mode": "nli", "consistency_filter.nli_model": path,
+                                                "consistency_filter.nli_batch_size": 2, "consistency_filter.batch_size": 1})
     rows = pd.DataFrame({"instruction_id": ["i1", "i2"], "instruction": ["Answer in lowercase.", "Use no commas."],
                          "family": "case", "funcs": "[]", "func_accuracies": "[]", "cases": "[]",
                          "back_translations": [json.dumps(["Write in lowercase.", "No capitals."]), json.dumps(["Avoid commas."])],
                          "reason": None})
-    verifiers.nli_classifier.cache_clear()
-    out = pd.concat(list(consistency_filter.pure(translated=iter([rows]), llm=None, cfg=cfg.back_translation, seed=0)))
+    section = cfg.consistency_filter
+    nli = resources.nli(path)
+    out = consistency_filter.pure(translated=iter([rows]), llm=None, nli=nli, cfg=section, seed=0)
     assert [json.loads(x) for x in out["labels"]] == [[favour, favour], [favour]]
     assert out["reason"].tolist() == [reason, reason]
-    assert verifiers.nli_classifier.cache_info().misses == 1  # loaded once for every pair and batch
+    assert resources.nli(path) is nli  # one model per process and path, for every pair and batch

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from autoif.tiny_models import NLI_LABELS, build_tiny_nli_classifier, build_tiny_qwen2
+from tests.tiny_models import NLI_LABELS, build_tiny_nli_classifier, build_tiny_qwen2
 
 
 @pytest.fixture(scope="module")

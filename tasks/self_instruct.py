@@ -1,19 +1,16 @@
-"""Step 1: seed instructions and self-instruct."""
+"""Step 1: self-instruct. All seeds go into one prompt asking for many new format instructions, sampled K
+times; the lines are parsed, filtered and deduplicated (exact, then near-duplicate) against the seeds."""
 from __future__ import annotations
 
 import hashlib
 import re
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from autoif.config import RunConfig, SelfInstructConfig
-from autoif.jsonl import iter_jsonl
+from autoif.config import SelfInstructConfig
 from autoif.llm import LLM
-from autoif.schemas.instructions import Instructions, Seeds
-from autoif.steps import step
+from autoif.tasks.ids import instruction_id
 
 SELF_INSTRUCT_PROMPT = """You are an expert for writing instructions. Please provide 50 different instructions that meet the following requirements:
 - Instructions are about the format but not style of a response
@@ -27,55 +24,6 @@ Do not generate instructions about writing style, using metaphor, or translation
 - Respond with a metaphor in every sentence
 Please generate one instruction per line in your response and start each line with '- '.
 """
-
-
-class SeedFileError(ValueError):
-    """A seed file row is malformed; names the file, line and field."""
-
-
-def seeds_path(cfg: SelfInstructConfig) -> Path:
-    if cfg.seeds_path:
-        return Path(cfg.seeds_path)
-    return Path(str(resources.files("autoif") / "data" / "seeds.jsonl"))
-
-
-def _file_digest(cfg: RunConfig) -> str:
-    return hashlib.sha256(seeds_path(cfg.self_instruct).read_bytes()).hexdigest()
-
-
-def instruction_id(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode()).hexdigest()[:16]
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def read_seeds(path: Path) -> pd.DataFrame:
-    """JSONL ``{"instruction", "family"?}`` or plain text, one instruction per line."""
-    rows = []
-    if path.suffix == ".jsonl":
-        for lineno, rec in iter_jsonl(path, SeedFileError):
-            text, family = rec.get("instruction"), rec.get("family", "seed")
-            if not isinstance(text, str) or not text.strip():
-                raise SeedFileError(f"{path}:{lineno}: field 'instruction' must be a non-empty string")
-            if not isinstance(family, str):
-                raise SeedFileError(f"{path}:{lineno}: field 'family' must be a string")
-            rows.append({"instruction": text.strip(), "family": family})
-    else:
-        rows = [{"instruction": line.strip().removeprefix("- ").strip(), "family": "seed"}
-                for line in path.read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows, columns=["instruction", "family"])
-    frame["instruction_id"] = frame["instruction"].map(instruction_id)
-    frame["reason"] = None
-    frame.loc[frame["instruction_id"].duplicated(), "reason"] = "duplicate_seed"
-    frame = frame[frame["reason"].isna()].reset_index(drop=True)  # a repeated seed is the same seed
-    return frame
-
-
-@step("seeds", schema=Seeds, key_extra=_file_digest)  # keyed by the seed file's content only
-def load_seeds(cfg: RunConfig) -> pd.DataFrame:
-    return read_seeds(seeds_path(cfg.self_instruct))
 
 
 _LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.*\S)\s*$")
@@ -156,18 +104,6 @@ class NearDuplicateIndex:
             table.setdefault(band, []).append(n)
         return None
 
-
-def family_counts(df: pd.DataFrame) -> dict[str, float]:
-    """Per seed family: rows in this output and rows kept (additive, so they sum over parts)."""
-    out: dict[str, float] = {}
-    for fam, g in df.groupby("family"):
-        fam = re.sub(r"[^\w\-]", "_", str(fam))  # a metric-name-safe family name
-        out[f"family.{fam}.rows"] = out.get(f"family.{fam}.rows", 0.0) + float(len(g))
-        out[f"family.{fam}.kept"] = out.get(f"family.{fam}.kept", 0.0) + float(g["reason"].isna().sum())
-    return out
-
-
-@step("self_instruct", schema=Instructions, config="self_instruct", uses_llm=True, metrics=family_counts)
 def self_instruct(seeds: pd.DataFrame, llm: LLM, cfg: SelfInstructConfig, seed: int) -> pd.DataFrame:
     """K sampled calls of the all-seeds prompt; parse, filter, dedup (exact, then near-duplicate) against the
     seeds and each other. Every line the model wrote is a row; dropped ones say why."""

@@ -265,7 +265,7 @@ def build_tiny_nli_classifier(
     return _build_atomically(Path(out_dir), params, write)
 
 
-if __name__ == "__main__":  # python -m autoif.tiny_models DIR [nli]
+if __name__ == "__main__":  # python -m tests.tiny_models DIR [nli]
     import sys
 
     target = sys.argv[1] if len(sys.argv) > 1 else "tiny-qwen2"

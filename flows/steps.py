@@ -1,0 +1,75 @@
+"""The AutoIF steps as the flows use them: each task function with its output contract (Pandera schema), its
+config section, its metrics and how it is batched. ``step(run, input=ref)`` runs it as cached, retryable
+Prefect task runs (``autoif.runtime``); ``step.pure(...)`` calls the plain function.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from autoif.runtime import Step, StepSpec
+from autoif.schemas.evaluation import EvalPrompts, EvalResponses, FollowBenchScores, InstructionScores
+from autoif.schemas.instructions import Instructions, Seeds
+from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, VerifierCandidates
+from autoif.tasks import back_translation as bt
+from autoif.tasks import consistency_filter as cf
+from autoif.tasks import cross_validation as cv
+from autoif.tasks import evaluate as ev
+from autoif.tasks import seeds as sd
+from autoif.tasks import self_instruct as si
+from autoif.tasks import verifier_synthesis as vs
+from autoif.tasks.metrics import family_counts
+
+
+def _seeds_digest(cfg) -> str:
+    return sd.seeds_digest(cfg.self_instruct)
+
+
+# --- stage A: instructions and verifiers (steps 1-4) ------------------------------------------------------
+
+load_seeds = Step(StepSpec("seeds", sd.load_seeds, schema=Seeds, config="self_instruct", key_fields=("seeds_path",),
+                           key_extra=_seeds_digest))  # keyed by the seed file's content
+
+self_instruct = Step(StepSpec("self_instruct", si.self_instruct, schema=Instructions, config="self_instruct",
+                              metrics=family_counts))
+
+synthesize_verifiers = Step(StepSpec("verifier_synthesis", vs.synthesize_batch, schema=VerifierCandidates,
+                                     config="verifier_synthesis", batches=vs.synthesis_batches, empty=vs.no_candidates,
+                                     metrics=vs.synthesis_metrics))
+
+cross_validate = Step(StepSpec("cross_validation", cv.cross_validate, schema=CrossValidated, config="cross_validation",
+                               key_extra=cv.probes_digest, batches=cv.cv_batches, empty=cv.no_cross_validated,
+                               batch_group="instruction_id", metrics=cv.cv_metrics, metrics_final=cv.cv_means))
+
+back_translate = Step(StepSpec("back_translation", bt.back_translate, schema=BackTranslated, config="back_translation",
+                               batches=bt.bt_batches, empty=bt.no_back_translations, batch_group="instruction_id",
+                               metrics=family_counts))
+
+consistency_filter = Step(StepSpec("consistency_filter", cf.consistency_filter, schema=Consistent,
+                                   config="consistency_filter", batches=cf.consistency_batches, empty=cf.no_consistent,
+                                   batch_group="instruction_id", metrics=cf.consistency_metrics))
+
+
+# --- step 12: evaluation ----------------------------------------------------------------------------------
+
+
+class EvaluationSteps:
+    """The three steps of one evaluation (``<benchmark>_prompts``, ``_responses``, ``_scores``), keyed by
+    its :class:`~autoif.tasks.evaluate.EvalSpec` (benchmark, responses file, limit, judge)."""
+
+    def __init__(self, spec: ev.EvalSpec) -> None:
+        b = spec.benchmark.value
+        self.prompts = Step(StepSpec(f"{b}_prompts", ev.load_benchmark, schema=EvalPrompts, config="eval",
+                                     params={"benchmark": spec.benchmark, "limit": spec.limit},
+                                     key_extra=partial(ev.prompts_key, spec)))
+        if spec.responses_path is not None:
+            self.responses = Step(StepSpec(f"{b}_responses", ev.responses_from_file, schema=EvalResponses,
+                                           params={"path": spec.responses_path},
+                                           key_extra=partial(ev.responses_key, spec)))
+        else:
+            self.responses = Step(StepSpec(f"{b}_responses", ev.answer_batch, schema=EvalResponses, config="eval",
+                                           batches=ev.answer_batches, empty=ev.no_responses))
+        scorer = ev.score_with_judge if ev.needs_judge(spec) else ev.score
+        schema = FollowBenchScores if spec.benchmark is ev.Benchmark.followbench else InstructionScores
+        self.scores = Step(StepSpec(f"{b}_scores", scorer, schema=schema, config="eval", params={"benchmark": spec.benchmark},
+                                    engine=spec.judge or "engine", key_extra=ev.scores_key,
+                                    metrics=partial(ev.metrics_of, spec.benchmark)))

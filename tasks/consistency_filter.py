@@ -1,0 +1,101 @@
+"""Step 4 (second half): the consistency filter. Premise = the instruction, hypothesis = each back-translation;
+the instruction is dropped on any contradiction. ``nli``: a local classifier (loaded once per process);
+``llm_judge``: the engine labels the pair; ``off``: keep all."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Iterable, Iterator
+
+import pandas as pd
+
+from autoif.config import ConsistencyFilterConfig, NLIMode
+from autoif.llm import LLM, generate_each
+from autoif.tasks.batching import empty_frame, group_batches
+from autoif.tasks.json_repair import extract_json_text, loads_repaired
+from autoif.tasks.metrics import family_counts
+
+JUDGE_PROMPT = """Do these two instructions ask for compatible things? The first is the original instruction; the second was written from code that checks responses to it.
+Original: {premise}
+From code: {hypothesis}
+Answer "contradiction" if a response cannot satisfy both, "entailment" if the second says the same as the first or less, "neutral" otherwise.
+Reply with one JSON object: {{"label": "entailment" | "neutral" | "contradiction"}}"""
+
+JUDGE_LABELS = ("entailment", "neutral", "contradiction")
+JUDGE_JSON_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": list(JUDGE_LABELS)}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
+
+
+def parse_judge_label(text: str) -> str | None:
+    """The judge's label: from ``{"label": ...}``, else a lone label word in the reply; None if unclear."""
+    if not isinstance(text, str):
+        return None
+    blob, _ = extract_json_text(text)
+    if blob is not None:
+        try:
+            obj, _ = loads_repaired(blob)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("label"), str) and obj["label"].strip().lower() in JUDGE_LABELS:
+            return obj["label"].strip().lower()
+    found = {w for w in re.findall(r"[a-z]+", text.lower()) if w in JUDGE_LABELS}
+    return found.pop() if len(found) == 1 else None
+
+
+CONSISTENT_COLUMNS = ["instruction_id", "instruction", "family", "funcs", "func_accuracies", "cases", "back_translations",
+                      "labels", "reason"]
+
+
+def consistency_metrics(df: pd.DataFrame) -> dict[str, float]:
+    out = family_counts(df)
+    for cell in df["labels"].dropna():
+        for label in json.loads(cell):
+            key = f"label.{label or 'unparseable'}"
+            out[key] = out.get(key, 0.0) + 1.0
+    return out
+
+
+def consistency_batches(translated: Iterable[pd.DataFrame], cfg: ConsistencyFilterConfig) -> Iterator[pd.DataFrame]:
+    return group_batches(translated, "instruction_id", cfg.batch_size)
+
+
+def no_consistent() -> pd.DataFrame:
+    return empty_frame(CONSISTENT_COLUMNS)
+
+
+def consistency_filter(batch: pd.DataFrame, llm: LLM, cfg: ConsistencyFilterConfig, seed: int, batch_index: int,
+                       nli=None) -> pd.DataFrame:
+    """``nli`` is the classifier (``autoif.nli.NLIClassifier``) when ``cfg.mode`` is ``nli``."""
+    pairs = [(r.instruction, h) for r in batch.itertuples() for h in json.loads(r.back_translations)]
+    if cfg.mode is NLIMode.nli:
+        if nli is None:
+            raise ValueError("consistency_filter.mode=nli needs consistency_filter.nli_model (a local path or model id)")
+        labels: list[str | None] = list(nli.labels(pairs, cfg.nli_batch_size))
+    elif cfg.mode is NLIMode.llm_judge:
+        prompts = [JUDGE_PROMPT.format(premise=p, hypothesis=h) for p, h in pairs]
+        gen = generate_each(llm, prompts, n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                            seed=seed + batch_index, json_schema=JUDGE_JSON_SCHEMA if cfg.use_json_schema else None)
+        labels = [parse_judge_label(o[0]) if o else None for o in gen.texts]
+    else:
+        labels = [None] * len(pairs)
+    rows, pos = [], 0
+    for r in batch.itertuples():
+        n = len(json.loads(r.back_translations))
+        mine, pos = labels[pos : pos + n], pos + n
+        if cfg.mode is NLIMode.off:
+            reason = None
+        elif cfg.contradiction_label.lower() in mine:
+            reason = "contradiction"
+        elif any(label is None for label in mine):
+            reason = "judge_unparseable"
+        else:
+            reason = None
+        rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
+                     "funcs": r.funcs, "func_accuracies": r.func_accuracies, "cases": r.cases,
+                     "back_translations": r.back_translations,
+                     "labels": json.dumps(mine) if cfg.mode is not NLIMode.off else None, "reason": reason})
+    return pd.DataFrame(rows, columns=CONSISTENT_COLUMNS)
