@@ -69,18 +69,13 @@ def _config(config: Optional[Path], preset: Optional[PresetOption], overrides: l
         raise typer.Exit(2) from None
 
 
-def _embedded_defaults(debug: bool = False) -> None:
-    """The embedded default: ephemeral Prefect with state under .autoif/, quiet telemetry; without --debug,
-    Prefect's console handler (in this process and the worker processes it starts) and MLflow's own logging
-    stay quiet: their records go to the log file (:func:`_library_logs`)."""
+def _embedded_defaults() -> None:
+    """The embedded default: ephemeral Prefect with state under .autoif/, quiet telemetry."""
     home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".autoif/prefect").resolve())))
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
-    if not debug:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
 
 
 # --- failures: one short message, the traceback in the log file ---------------------------------------------
@@ -154,16 +149,20 @@ def _reported(log_path: Path, debug: bool) -> Iterator[None]:
         raise typer.Exit(exit_code(e)) from None
 
 
-# Loggers of the libraries a flow runs on that print to the console by default (or do not propagate).
+# Loggers of the libraries a flow runs on that print to the console (or do not propagate to the root).
 _LIBRARY_LOGGERS = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect._internal", "uvicorn", "fastapi",
                     "mlflow", "alembic", "sqlalchemy.engine", "huey", "distributed")
+_MLFLOW_LOGGERS = ("mlflow", "alembic", "sqlalchemy.engine", "huey")  # given a stderr handler by `import mlflow`
+# Without --debug: Prefect's console handler at CRITICAL (also in the Dask/Ray worker processes a run starts,
+# which inherit the environment), and MLflow leaves its loggers to propagate (to the log file).
+_QUIET_ENV = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL", "MLFLOW_CONFIGURE_LOGGING": "false"}
 
 
-def _is_console(h: logging.Handler) -> bool:
+def _is_console(logger: str, h: logging.Handler) -> bool:
     if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler):
         return False
     std = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
-    return type(h).__module__.split(".")[0] in ("prefect", "mlflow") or getattr(h, "stream", None) in std
+    return type(h).__module__.startswith("prefect.") or logger in _MLFLOW_LOGGERS or getattr(h, "stream", None) in std
 
 
 class _LogFormatter(logging.Formatter):
@@ -177,8 +176,15 @@ class _LogFormatter(logging.Formatter):
 
 @contextlib.contextmanager
 def _library_logs(log_path: Path, debug: bool) -> Iterator[None]:
-    """While the block runs: Prefect's, MLflow's and any library's log records (and warnings) go to
-    ``log_path``; their console handlers are taken off, unless ``debug``. Everything is put back after."""
+    """While the block runs, Prefect's, MLflow's and other libraries' log records (and warnings) go to
+    ``log_path``, and, unless ``debug``, not to the console. Imports Prefect (whose import configures its
+    logging); the environment, handlers and levels are put back afterwards."""
+    env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    if not debug:
+        for k, v in _QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+    import prefect  # noqa: F401  configures Prefect's logging: the handlers below replace its console handler
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     file = logging.FileHandler(log_path, encoding="utf-8")
     file.setFormatter(_LogFormatter("%(asctime)s %(levelname)-7s %(name)s%(run)s - %(message)s"))
@@ -186,7 +192,7 @@ def _library_logs(log_path: Path, debug: bool) -> Iterator[None]:
     for name in _LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         saved[name] = list(logger.handlers)
-        kept = logger.handlers if debug else [h for h in logger.handlers if not _is_console(h)]
+        kept = logger.handlers if debug else [h for h in logger.handlers if not _is_console(name, h)]
         logger.handlers = kept + ([file] if name == "" or not logger.propagate else [])
     autoif_log = logging.getLogger("autoif")
     level = autoif_log.level
@@ -200,6 +206,11 @@ def _library_logs(log_path: Path, debug: bool) -> Iterator[None]:
         for name, handlers in saved.items():
             logging.getLogger(name).handlers = handlers
         file.close()
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -225,15 +236,16 @@ def run(
         from autoif.preflight import check
 
         check(cfg, until)
-        _embedded_defaults(debug)
+        _embedded_defaults()
         console.print(f"autoif run {cfg.run_name} [{cfg.preset.value}] engine={cfg.engine.kind.value}"
                       f"{' until ' + until if until else ''}; log {log_path}", markup=False, highlight=False, soft_wrap=True)
-        from autoif.flows.instructions import StageAStep
-        from autoif.flows.pipeline import run_pipeline
         from autoif.progress import show_progress
 
         with _library_logs(log_path, debug), show_progress(console=console):
-            refs = run_pipeline(cfg, until=StageAStep(until) if until else StageAStep.consistency_filter)
+            from autoif.config import PipelineStep
+            from autoif.flows.pipeline import run_pipeline
+
+            refs = run_pipeline(cfg, until=PipelineStep(until) if until else PipelineStep.instruction_dpo)
     from autoif.store import Store
 
     _print_funnel(console, Store.from_config(cfg.store), refs)
@@ -307,12 +319,13 @@ def eval_command(
         from autoif.preflight import check_eval
 
         check_eval(cfg, benchmark.value, responses)
-        _embedded_defaults(debug)
+        _embedded_defaults()
         console.print(f"autoif eval {benchmark.value} ({source}); log {log_path}", markup=False, highlight=False, soft_wrap=True)
-        from autoif.flows.evaluate import evaluate
         from autoif.progress import show_progress
 
         with _library_logs(log_path, debug), show_progress(console=console):
+            from autoif.flows.evaluate import evaluate
+
             out = evaluate(cfg, benchmark=benchmark.value, responses_path=str(responses) if responses else None,
                            model_run_id=model_run, limit=limit)
     _print_metrics(console, f"{benchmark.value} ({source})", out["metrics"])

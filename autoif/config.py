@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,30 @@ class JsonFormat(str, Enum):
     auto = "auto"
     json_schema = "json_schema"
     json_object = "json_object"
+
+
+class PipelineStep(str, Enum):
+    """The pipeline's steps in order: where a run may stop (``--until``)."""
+
+    self_instruct = "self_instruct"
+    verifier_synthesis = "verifier_synthesis"
+    cross_validation = "cross_validation"
+    back_translation = "back_translation"
+    consistency_filter = "consistency_filter"
+    stage_b_instructions = "stage_b_instructions"
+    queries = "queries"
+    query_augmentation = "query_augmentation"
+    response_generation = "response_generation"
+    verification = "verification"
+    quality_filter = "quality_filter"
+    contamination = "contamination"
+    sft = "sft"
+    query_dpo = "query_dpo"
+    instruction_dpo = "instruction_dpo"
+
+    @property
+    def position(self) -> int:
+        return list(type(self)).index(self)
 
 
 class Cmp(str, Enum):
@@ -175,32 +199,99 @@ class ConsistencyFilterConfig(_Model):
     batch_size: int = Field(256, ge=1)  # instructions per batch / output part
 
 
+class SeedsConfig(_Model):
+    """The seed instructions' reference verifiers (the seed file itself is ``self_instruct.seeds_path``)."""
+
+    # stage B uses the shipped reference functions and test cases of the selected seeds (marked
+    # verifier_source="reference" in every row), instead of or besides stage A's synthesized ones
+    use_reference_verifiers: bool = False
+
+
+class QuerySourceFormat(str, Enum):
+    """How a query file is read: by its suffix (``auto``), or named."""
+
+    auto = "auto"
+    jsonl = "jsonl"  # one JSON object per line with the query column
+    parquet = "parquet"
+    csv = "csv"
+    sharegpt = "sharegpt"  # JSON/JSONL conversations: the first human turn is the query
+    hf_dataset = "hf_dataset"  # a `datasets` directory saved with save_to_disk
+
+
+class QueriesConfig(_Model):
+    path: str | None = None  # None = the built-in set shipped with autoif (autoif/data/queries.jsonl)
+    format: QuerySourceFormat = QuerySourceFormat.auto
+    column: str = "query"  # the query column of JSONL / Parquet / CSV / datasets sources
+    min_chars: int = 20  # strict: len > min (AutoIF: 20 < len < 300)
+    max_chars: int = 300  # strict: len < max
+    max_queries: int | None = Field(None, ge=1)  # read at most N (smoke runs)
+
+
 class QueryAugmentationConfig(_Model):
-    queries_path: str | None = None
-    queries_per_instruction: int = 16
-    min_query_chars: int = 20  # strict: len > min
-    max_query_chars: int = 300  # strict: len < max
-    n_responses: int = 8  # K responses per (query, instruction) (paper: 8; sample data: 16)
+    """Step 5, pairing: each instruction with random real user queries (seeded, reproducible)."""
+
+    queries_per_instruction: int = Field(16, ge=1)  # paper: 16
+    max_instructions: int | None = Field(None, ge=1)  # pair at most N instructions (smoke runs)
+
+
+class ResponseGenerationConfig(_Model):
+    """Step 5, responses: K per (instruction, query) from the supervision engine (``engine``)."""
+
+    n_responses: int = Field(8, ge=1)  # K (paper: 8; sample data: 16)
     temperature: float = 0.7
     max_tokens: int = 1024
+    batch_size: int = Field(64, ge=1)  # (instruction, query) pairs per LLM batch / output part
 
 
 class VerificationConfig(_Model):
-    pass_rate: Threshold  # mean over the instruction's functions
-    timeout_s: float = 1.0
+    pass_rate: Threshold  # mean over the instruction's functions (code: > 0, paper: > 0.5)
+    timeout_s: float = 1.0  # per call; timeouts and exceptions count as fail
+    sandbox_workers: int | None = None  # None = one per CPU
+    batch_size: int = Field(512, ge=1)  # responses per sandbox job / output part
 
 
 class QualityFilterConfig(_Model):
-    score: Threshold  # relevance 0..10, last line "Score: N"
+    score: Threshold  # relevance 0..10, last line "Score: N" (code: > 8, paper: >= 8)
     temperature: float = 0.0
     max_tokens: int = 512
+    use_json_schema: bool = True  # constrained {"analysis", "score"} where the engine supports it
+    batch_size: int = Field(64, ge=1)  # responses per LLM batch / output part
+
+
+class ContaminationConfig(_Model):
+    ngram: int = Field(13, ge=1)  # word n-gram overlap with the benchmarks' prompts
+    benchmarks: list[str] = Field(default_factory=lambda: ["ifeval", "ifbench"])
+    check: bool = True
 
 
 class PairsConfig(_Model):
+    """Step 8, query-level DPO pairs."""
+
     chosen_pass_rate: Threshold = Field(default_factory=lambda: _t(">=", 0.5))
     rejected_pass_rate: Threshold = Field(default_factory=lambda: _t("==", 0.0))
     max_chosen_per_prompt: int = 2
     max_rejected_per_prompt: int = 2
+
+
+class InstructionPairsConfig(_Model):
+    """Step 8, instruction-level DPO pairs: a passing vs a failing test-case input of one instruction."""
+
+    max_chosen_per_instruction: int = 2
+    max_rejected_per_instruction: int = 2
+
+
+class PolicyConfig(_Model):
+    """The model stage C trains (the supervision engine ``engine`` writes the data)."""
+
+    model: str = "gemma3-270m"  # name, or a local path / hub id for training
+    model_path: str | None = None  # local weights (GGUF or HF directory); None = the embedded default
+
+
+class Setting(str, Enum):
+    """Who writes the data and who learns (AutoIF step 11)."""
+
+    strong_to_weak = "strong_to_weak"  # a large supervision model writes, a small policy learns
+    self_alignment = "self_alignment"  # one model does both
 
 
 class TrainConfig(_Model):
@@ -260,15 +351,33 @@ class RunConfig(_Model):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig)
     self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig)
     verifier_synthesis: VerifierSynthesisConfig = Field(default_factory=VerifierSynthesisConfig)
     cross_validation: CrossValidationConfig
     back_translation: BackTranslationConfig = Field(default_factory=BackTranslationConfig)
     consistency_filter: ConsistencyFilterConfig = Field(default_factory=ConsistencyFilterConfig)
+    queries: QueriesConfig = Field(default_factory=QueriesConfig)
     query_augmentation: QueryAugmentationConfig = Field(default_factory=QueryAugmentationConfig)
+    response_generation: ResponseGenerationConfig = Field(default_factory=ResponseGenerationConfig)
     verification: VerificationConfig
     quality_filter: QualityFilterConfig
+    contamination: ContaminationConfig = Field(default_factory=ContaminationConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    instruction_pairs: InstructionPairsConfig = Field(default_factory=InstructionPairsConfig)
+    setting: Setting = Setting.self_alignment
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @model_validator(mode="after")
+    def _setting_holds(self) -> "RunConfig":
+        """self_alignment: the policy is the supervision model; strong_to_weak: they must differ."""
+        if self.setting is Setting.self_alignment:
+            if (self.policy.model, self.policy.model_path) != (self.engine.model, self.engine.model_path):
+                object.__setattr__(self, "policy", PolicyConfig(model=self.engine.model, model_path=self.engine.model_path))
+        elif self.policy.model == self.engine.model and self.policy.model_path == self.engine.model_path:
+            raise ValueError("setting strong_to_weak needs a policy model other than the supervision engine's "
+                             f"({self.engine.model!r}): set policy.model")
+        return self
     train: TrainConfig
     online_dpo: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -302,6 +411,19 @@ PRESETS: dict[Preset, dict[str, Any]] = {
         "quality_filter": {"score": {"op": ">=", "value": 8}},
         "train": {"dpo_beta": 0.3, "dpo_learning_rate": 5e-7, "dpo_epochs": 2.0, "lr_scheduler": "cosine"},
     },
+}
+
+
+# AutoIF step 11: who writes the data and who learns. Applied after the preset, before the file.
+SETTINGS: dict[Setting, dict[str, Any]] = {
+    # a large supervision model on a vLLM server writes the data; a 7B policy learns from it
+    Setting.strong_to_weak: {
+        "setting": "strong_to_weak",
+        "engine": {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "Qwen/Qwen2.5-72B-Instruct"},
+        "policy": {"model": "Qwen/Qwen2.5-7B-Instruct"},
+    },
+    # one model writes its own training data (the policy follows the engine)
+    Setting.self_alignment: {"setting": "self_alignment"},
 }
 
 
@@ -350,7 +472,10 @@ def _format_validation(e: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        if key:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        else:  # a whole-config rule: its message says what
+            lines.append(f"  {err['msg']}")
     return "\n".join(lines)
 
 
@@ -358,8 +483,9 @@ def load_config(
     path: str | Path | None = None,
     preset: Preset | str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
+    setting: Setting | str | None = None,
 ) -> RunConfig:
-    """Preset -> YAML file -> overrides (``["a.b=1"]`` or ``{"a.b": 1}``) -> validated RunConfig."""
+    """Preset -> setting -> YAML file -> overrides (``["a.b=1"]`` or ``{"a.b": 1}``) -> validated RunConfig."""
     file_data: dict = {}
     source = "defaults"
     if path is not None:
@@ -373,8 +499,13 @@ def load_config(
         if not isinstance(file_data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(file_data).__name__}")
     chosen = Preset(preset) if preset is not None else Preset(file_data.get("preset", Preset.code))
-    data = _deep_merge(copy.deepcopy(PRESETS[chosen]), file_data)  # overrides below edit nested dicts in place
+    data = copy.deepcopy(PRESETS[chosen])  # overrides below edit nested dicts in place
+    if setting is not None or "setting" in file_data:
+        data = _deep_merge(data, copy.deepcopy(SETTINGS[Setting(setting if setting is not None else file_data["setting"])]))
+    data = _deep_merge(data, file_data)
     data["preset"] = chosen.value
+    if setting is not None:
+        data["setting"] = Setting(setting).value
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:
         _apply_override(data, key, value)

@@ -13,11 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from autoif.config import EngineConfig, EngineKind, NLIMode, RunConfig, TaskRunnerKind
-
-# The order of stage A's steps (``autoif.flows.instructions.StageAStep``, which this module cannot import:
-# that module imports Prefect). tests/test_cli_errors.py keeps the two the same.
-STAGE_A_STEPS = ("self_instruct", "verifier_synthesis", "cross_validation", "back_translation", "consistency_filter")
+from autoif.config import EngineConfig, EngineKind, NLIMode, PipelineStep, RunConfig, TaskRunnerKind
 
 REACH_TIMEOUT_S = 1.0  # how long an OpenAI-compatible server gets to answer GET /models
 
@@ -28,11 +24,11 @@ class PreflightError(ValueError):
 
 def check(cfg: RunConfig, until: str | None = None) -> None:
     """Check what ``autoif run`` (stage A up to ``until``) needs; raises :class:`PreflightError`."""
-    last = stage_a_index(until)
+    last = step_index(until)
     _seeds(cfg)
-    if last >= STAGE_A_STEPS.index("cross_validation"):
+    if last >= PipelineStep.cross_validation.position:
         _probes(cfg)
-    if last >= STAGE_A_STEPS.index("consistency_filter") and cfg.consistency_filter.mode is NLIMode.nli:
+    if last >= PipelineStep.consistency_filter.position and cfg.consistency_filter.mode is NLIMode.nli:
         _nli(cfg)
     check_engine(cfg.engine)
     _task_runner(cfg)
@@ -51,13 +47,14 @@ def check_eval(cfg: RunConfig, benchmark: str, responses_path: str | Path | None
     _task_runner(cfg)
 
 
-def stage_a_index(until: str | None) -> int:
-    """Position of ``until`` in stage A (the last step when None); an unknown name is a PreflightError."""
+def step_index(until: str | None) -> int:
+    """Position of ``until`` in the pipeline (the last step when None); an unknown name is a PreflightError."""
+    names = [s.value for s in PipelineStep]
     if until is None:
-        return len(STAGE_A_STEPS) - 1
-    if until not in STAGE_A_STEPS:
-        raise PreflightError(f"--until: unknown step {until!r}; one of {', '.join(STAGE_A_STEPS)}")
-    return STAGE_A_STEPS.index(until)
+        return len(names) - 1
+    if until not in names:
+        raise PreflightError(f"--until: unknown step {until!r}; one of {', '.join(names)}")
+    return names.index(until)
 
 
 def check_engine(engine: EngineConfig) -> None:

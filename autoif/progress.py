@@ -234,8 +234,11 @@ class ProgressHandler(logging.Handler):
                 grid.add_row(Spinner("dots"), "starting the flow…")
                 return grid
             now = self.clock()
-            polled = self._engines_now() - state.engines_at_start
-            text = batch_line(state, now, llm=state.llm.most(polled))
+            llm = state.llm.most(self._engines_now() - state.engines_at_start)
+            if state.done or state.batches:
+                text = batch_line(state, now, llm=llm)
+            else:  # a whole step, or a batched one before its first batch is done
+                text = f"{state.step} | {llm_text(llm, now - state.started)}"
             elapsed = duration(now - state.started)
             bar = ProgressBar(total=state.batches, completed=state.done, width=20) if state.batches else ""
         grid.add_row(Spinner("dots"), bar, f"{text} | {elapsed}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "autoif-sample" / "eval_func_rft.jsonl"
+SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "autoif-sample" / "eval_func_rft.jsonl"  # a copy of AutoIF's sample, with its licence
 
 
 def load(path: Path = SAMPLE) -> list[dict]:
@@ -79,22 +79,23 @@ def autoif_reference(rows: list[dict], sandbox) -> list[dict]:
 def ours(rows: list[dict], cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Our verifier synthesis (scripted engine replaying the 8 completions) and cross-validation."""
     from autoif.llm.scripted import ScriptedLLM
-    from autoif.tasks.instructions import instruction_id
-    from autoif.tasks.verifiers import cross_validate, synthesize_verifiers, verifier_prompt
+    from autoif.flows.steps import cross_validate, synthesize_verifiers
+    from autoif.tasks.ids import instruction_id
+    from autoif.tasks.verifier_synthesis import verifier_prompt
 
     vcfg = cfg.verifier_synthesis.model_copy(update={"n_completions": max(len(r["gpt-answer"]) for r in rows)})
     llm = ScriptedLLM.from_prompts({verifier_prompt(r["instruction"], vcfg): r["gpt-answer"] for r in rows})
     instructions = pd.DataFrame({"instruction_id": [instruction_id(r["instruction"]) for r in rows],
                                  "instruction": [r["instruction"] for r in rows], "family": "autoif-sample"})
-    candidates = pd.concat(list(synthesize_verifiers.pure(instructions=instructions, llm=llm, cfg=vcfg, seed=0)), ignore_index=True)
+    candidates = synthesize_verifiers.pure(instructions=instructions, llm=llm, cfg=vcfg, seed=0)
     kept = candidates[candidates["reason"].isna()]
-    validated = pd.concat(list(cross_validate.pure(candidates=iter([kept]), cfg=cfg.cross_validation)), ignore_index=True)
+    validated = cross_validate.pure(candidates=kept, cfg=cfg.cross_validation)
     return candidates, validated
 
 
 def table(rows: list[dict], ref: list[dict], candidates: pd.DataFrame, validated: pd.DataFrame) -> str:
     """Markdown: per instruction, then per completion (function), AutoIF's decision next to ours."""
-    from autoif.tasks.instructions import instruction_id
+    from autoif.tasks.ids import instruction_id
 
     lines = ["| # | instruction | AutoIF: funcs / cases / cases kept -> decision | ours: funcs / cases / cases kept -> decision |",
              "|---|---|---|---|"]

@@ -36,8 +36,11 @@ def funcs_for(w: str) -> list[str]:
 
 
 def build_script(cfg, n: int, k: int, path: Path) -> tuple[int, float]:
-    from autoif.tasks.instructions import SELF_INSTRUCT_PROMPT, read_seeds, seeds_path
-    from autoif.tasks.verifiers import JUDGE_PROMPT, back_translation_prompt, verifier_prompt
+    from autoif.tasks.back_translation import back_translation_prompt
+    from autoif.tasks.consistency_filter import JUDGE_PROMPT
+    from autoif.tasks.seeds import read_seeds, seeds_path
+    from autoif.tasks.self_instruct import SELF_INSTRUCT_PROMPT
+    from autoif.tasks.verifier_synthesis import verifier_prompt
 
     rng = random.Random(0)
     vocab = words(rng, 5000)
@@ -96,7 +99,7 @@ def main() -> None:
         "self_instruct.n_calls": -(-args.instructions // 50), "self_instruct.max_chars": 300,
         "verifier_synthesis.n_completions": args.completions, "verifier_synthesis.batch_size": args.batch,
         "cross_validation.batch_size": args.batch, "back_translation.batch_size": args.batch,
-        "back_translation.mode": "llm_judge",
+        "consistency_filter.batch_size": args.batch, "consistency_filter.mode": "llm_judge",
     }
     cfg = load_config(preset="code", overrides=overrides)
     t0 = time.perf_counter()

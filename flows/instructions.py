@@ -1,33 +1,18 @@
 """Stage A: instructions and verification functions (AutoIF steps 1-4)."""
 from __future__ import annotations
 
-from enum import Enum
-
 from prefect import flow
 
-from autoif.config import RunConfig
+from autoif.config import PipelineStep, RunConfig
 from autoif.flows import steps
 from autoif.runtime.recording import PipelineRun, log_survival, pipeline_run
 from autoif.store import StepRef
 
 
-class StageAStep(str, Enum):
-    """Where stage A may stop (``--until``)."""
-
-    self_instruct = "self_instruct"
-    verifier_synthesis = "verifier_synthesis"
-    cross_validation = "cross_validation"
-    back_translation = "back_translation"
-    consistency_filter = "consistency_filter"
-
-
-_ORDER = list(StageAStep)
-
-
-def stage_a(run: PipelineRun, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
+def stage_a(run: PipelineRun, until: PipelineStep = PipelineStep.consistency_filter) -> dict[str, StepRef]:
     """Seeds -> self-instruct -> verifier synthesis -> cross-validation -> back-translation -> consistency
     filter; ``until`` stops after the named step."""
-    last = _ORDER.index(StageAStep(until))
+    last = PipelineStep(until).position
     refs = {"seeds": steps.load_seeds(run)}
     refs["self_instruct"] = steps.self_instruct(run, seeds=refs["seeds"])  # 1. seeds + self-instruct, deduplicated
     if last >= 1:
@@ -43,7 +28,7 @@ def stage_a(run: PipelineRun, until: StageAStep = StageAStep.consistency_filter)
 
 
 @flow(name="autoif-instructions", flow_run_name="{cfg.run_name}-instructions", log_prints=True)
-def build_instructions(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
+def build_instructions(cfg: RunConfig, until: PipelineStep = PipelineStep.consistency_filter) -> dict[str, StepRef]:
     """Stage A on its own (the pipeline flow runs the same steps in its own run)."""
     with pipeline_run(cfg, "instructions") as run:
         return stage_a(run, until)

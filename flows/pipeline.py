@@ -5,21 +5,26 @@ import datetime as dt
 
 from prefect import flow
 
-from autoif.config import RunConfig, load_config
-from autoif.flows.instructions import StageAStep, stage_a
+from autoif.config import PipelineStep, RunConfig, load_config
+from autoif.flows.data import stage_b
+from autoif.flows.instructions import stage_a
 from autoif.runtime import task_runner
 from autoif.runtime.recording import pipeline_run
 from autoif.store import StepRef
 
 
 @flow(name="autoif-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
-def autoif_pipeline(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
-    """Stage A (instructions, verifiers); stages B and C join as they land. ``until`` stops after a step."""
+def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.instruction_dpo) -> dict[str, StepRef]:
+    """Stage A (instructions, verifiers) then stage B (queries, responses, verification, training data);
+    stage C joins as it lands. ``until`` stops after a step."""
     with pipeline_run(cfg, "pipeline") as run:
-        return stage_a(run, until)
+        refs = stage_a(run, until)
+        if PipelineStep(until).position > PipelineStep.consistency_filter.position:
+            refs.update(stage_b(run, refs, until))
+        return refs
 
 
-def run_pipeline(cfg: RunConfig, until: StageAStep = StageAStep.consistency_filter) -> dict[str, StepRef]:
+def run_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.instruction_dpo) -> dict[str, StepRef]:
     """The pipeline flow on the task runner ``cfg.runtime`` names (threads, a Dask or a Ray cluster)."""
     return autoif_pipeline.with_options(task_runner=task_runner(cfg.runtime))(cfg, until=until)
 

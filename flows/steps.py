@@ -9,13 +9,32 @@ from functools import partial
 from autoif.runtime import Step, StepSpec
 from autoif.schemas.evaluation import EvalPrompts, EvalResponses, FollowBenchScores, InstructionScores
 from autoif.schemas.instructions import Instructions, Seeds
+from autoif.schemas.stage_b import (
+    Decontaminated,
+    DPOPairs,
+    Queries,
+    QueryPairs,
+    Responses,
+    Scored,
+    SFTRows,
+    StageBInstructions,
+    Verified,
+)
 from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, VerifierCandidates
 from autoif.tasks import back_translation as bt
 from autoif.tasks import consistency_filter as cf
 from autoif.tasks import cross_validation as cv
+from autoif.tasks import contamination as ct
 from autoif.tasks import evaluate as ev
+from autoif.tasks import quality_filter as qf
+from autoif.tasks import queries as qs
+from autoif.tasks import query_augmentation as qa
+from autoif.tasks import response_generation as rg
 from autoif.tasks import seeds as sd
 from autoif.tasks import self_instruct as si
+from autoif.tasks import stage_b_instructions as sb
+from autoif.tasks import training_data as td
+from autoif.tasks import verification as vf
 from autoif.tasks import verifier_synthesis as vs
 from autoif.tasks.metrics import family_counts
 
@@ -47,6 +66,47 @@ back_translate = Step(StepSpec("back_translation", bt.back_translate, schema=Bac
 consistency_filter = Step(StepSpec("consistency_filter", cf.consistency_filter, schema=Consistent,
                                    config="consistency_filter", batches=cf.consistency_batches, empty=cf.no_consistent,
                                    batch_group="instruction_id", metrics=cf.consistency_metrics))
+
+
+# --- stage B: queries, responses, verification, quality filter, training data (steps 5-8) ----------------
+
+
+def _queries_digest(cfg) -> str:
+    return qs.queries_digest(cfg.queries)
+
+
+def _benchmarks_digest(cfg) -> dict:
+    return ev.benchmark_files_digest(tuple(cfg.contamination.benchmarks))
+
+
+stage_b_instructions = Step(StepSpec("stage_b_instructions", sb.stage_b_instructions, schema=StageBInstructions,
+                                     config="seeds", funnel_input="instructions"))
+
+load_queries = Step(StepSpec("queries", qs.load_queries, schema=Queries, config="queries", key_extra=_queries_digest))
+
+augment_queries = Step(StepSpec("query_augmentation", qa.pair_queries, schema=QueryPairs, config="query_augmentation",
+                                funnel_input="instructions"))
+
+generate_responses = Step(StepSpec("response_generation", rg.generate_responses, schema=Responses,
+                                   config="response_generation", batches=rg.response_batches, empty=rg.no_responses))
+
+verify_responses = Step(StepSpec("verification", vf.verify, schema=Verified, config="verification",
+                                 batches=vf.verification_batches, empty=vf.no_verified, metrics=vf.verification_metrics,
+                                 metrics_final=vf.verification_means))
+
+score_responses = Step(StepSpec("quality_filter", qf.score_responses, schema=Scored, config="quality_filter",
+                                batches=qf.score_batches, empty=qf.no_scored, metrics=qf.score_metrics,
+                                metrics_final=qf.score_means))
+
+decontaminate = Step(StepSpec("contamination", ct.decontaminate, schema=Decontaminated, config="contamination",
+                              key_extra=_benchmarks_digest))
+
+sft_rows = Step(StepSpec("sft", td.sft_rows, schema=SFTRows))
+
+query_dpo = Step(StepSpec("query_dpo", td.query_pairs, schema=DPOPairs, config="pairs", with_dropped=("verified",),
+                          funnel_input="verified"))
+
+instruction_dpo = Step(StepSpec("instruction_dpo", td.instruction_pairs, schema=DPOPairs, config="instruction_pairs"))
 
 
 # --- step 12: evaluation ----------------------------------------------------------------------------------

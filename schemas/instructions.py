@@ -10,6 +10,8 @@ class Seeds(StepFrame):
     instruction_id: Series[str] = pa.Field(unique=True)
     instruction: Series[str] = pa.Field(str_length={"min_value": 1})
     family: Series[str]
+    reference_func: Series[str] = pa.Field(nullable=True)  # the seed's reference verification function
+    reference_cases: Series[str] = pa.Field(nullable=True)  # JSON [{"input", "output"}]
 
 
 class Instructions(StepFrame):

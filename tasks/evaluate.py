@@ -176,6 +176,11 @@ def responses_key(spec: EvalSpec, cfg) -> dict:
     return {"file": _digest(path)}
 
 
+def benchmark_files_digest(benchmarks: tuple[str, ...]) -> dict:
+    """The shipped benchmark prompt files' contents (what the contamination check is keyed by)."""
+    return {b: _digest(default_prompts_path(Benchmark(b))) for b in benchmarks}
+
+
 def scores_key(cfg) -> dict:
     return {"reference": _reference_versions()}
 

@@ -3,6 +3,7 @@ user's file). The step reads the file; a malformed row names file, line and fiel
 from __future__ import annotations
 
 import hashlib
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def seeds_digest(cfg: SelfInstructConfig) -> str:
 
 
 def read_seeds(path: Path) -> pd.DataFrame:
-    """JSONL ``{"instruction", "family"?}`` or plain text, one instruction per line."""
+    """JSONL ``{"instruction", "family"?, "func"?, "cases"?}`` (``func``/``cases``: the seed's reference
+    verification function and test cases) or plain text, one instruction per line."""
     rows = []
     if path.suffix == ".jsonl":
         for lineno, rec in iter_jsonl(path, SeedFileError):
@@ -38,11 +40,18 @@ def read_seeds(path: Path) -> pd.DataFrame:
                 raise SeedFileError(f"{path}:{lineno}: field 'instruction' must be a non-empty string")
             if not isinstance(family, str):
                 raise SeedFileError(f"{path}:{lineno}: field 'family' must be a string")
-            rows.append({"instruction": text.strip(), "family": family})
+            func, cases = rec.get("func"), rec.get("cases")
+            if func is not None and not isinstance(func, str):
+                raise SeedFileError(f"{path}:{lineno}: field 'func' must be the source of evaluate(response) -> bool")
+            if cases is not None and not (isinstance(cases, list) and all(
+                    isinstance(c, dict) and isinstance(c.get("input"), str) and isinstance(c.get("output"), bool) for c in cases)):
+                raise SeedFileError(f"{path}:{lineno}: field 'cases' must be a list of {{\"input\": str, \"output\": bool}}")
+            rows.append({"instruction": text.strip(), "family": family, "reference_func": func,
+                         "reference_cases": json.dumps(cases) if cases is not None else None})
     else:
         rows = [{"instruction": line.strip().removeprefix("- ").strip(), "family": "seed"}
                 for line in path.read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows, columns=["instruction", "family"])
+    frame = pd.DataFrame(rows, columns=["instruction", "family", "reference_func", "reference_cases"])
     frame["instruction_id"] = frame["instruction"].map(instruction_id)
     frame["reason"] = None
     frame.loc[frame["instruction_id"].duplicated(), "reason"] = "duplicate_seed"

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLE = SHARED / "data" / "autoif-sample"
+SAMPLE = Path(__file__).resolve().parent / "data" / "autoif-sample"  # AutoIF's published sample, with its licence
 
 
 def pytest_configure(config):

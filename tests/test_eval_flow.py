@@ -65,9 +65,10 @@ def test_ifeval_flow_with_engine(prefect_harness, make_cfg, tmp_path):
     assert client.get_run(again["mlflow_run_id"]).data.metrics["llm_requests"] == 0.0
 
 
-def test_ifbench_flow_from_responses_file_and_cli_compare(prefect_harness, make_cfg, tmp_path):
+def test_ifbench_flow_from_responses_file_and_cli_compare(prefect_harness, make_cfg, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    monkeypatch.chdir(tmp_path)  # the CLI writes its log under ./.autoif/logs
     from autoif.cli import app
 
     sample = evdata.default_prompts_path("ifbench").parent / "sample_output.jsonl"

@@ -54,9 +54,9 @@ def test_no_fallback_without_a_fault_nor_for_one_prompt():
 
 
 def test_unseeded_fallback_stays_unseeded():
-    llm = ScriptedLLM.from_prompts({"a": ["A"]})
+    llm = ScriptedLLM.from_records([{"prompt": "a", "outputs": ["A"]}, {"prompt": "zzz", "error": "prompt_too_long"}])
     gens = generate_each(llm, ["a", "zzz"])
-    assert gens.texts == [["A"], None] and gens.errors == [None, "no_canned_output"]
+    assert gens.texts == [["A"], None] and gens.errors == [None, "prompt_too_long"]
 
 
 def test_setup_errors_propagate():

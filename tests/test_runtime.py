@@ -164,3 +164,16 @@ def test_s3_store_puts_prefect_results_in_the_bucket(prefect_harness, make_cfg, 
     # a result is small: a reference and counts, never the batch's rows
     body = boto3.client("s3", endpoint_url=s3_server).get_object(Bucket="autoif-test", Key=keys[0])["Body"].read()
     assert len(body) < 20_000
+
+
+def test_a_deleted_store_is_recomputed_not_served_from_prefects_cache(prefect_harness, make_cfg):
+    """Prefect's cache outlives the store (a user deletes .autoif/store, keeps PREFECT_HOME): the steps whose
+    manifests and parts are gone are recomputed, with the same outputs."""
+    import shutil
+
+    cfg = _stage_a_cfg(make_cfg, run_name="gone")
+    a = build_instructions(cfg, until="verifier_synthesis")
+    before = _outputs(Store(cfg.store.root), a)
+    shutil.rmtree(cfg.store.root)
+    b = build_instructions(cfg, until="verifier_synthesis")
+    assert _outputs(Store(cfg.store.root), b) == before

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autoif.sandbox import Sandbox, protocol
+from autoif.sandbox import Sandbox, isolation, protocol
 from autoif.sandbox.protocol import WorkerConfig
 
 PACKAGE = Path(protocol.__file__).resolve().parent
@@ -121,3 +121,23 @@ def test_a_checkout_under_tmp_still_starts_its_workers(tmp_checkout):
     if shutil.which("bwrap"):
         assert out["mode"].startswith("bwrap")
 
+
+
+def test_the_seccomp_helper_reports_why_it_failed(monkeypatch):
+    from autoif.sandbox import seccomp
+
+    def broken():
+        raise ImportError("libseccomp.so.2: cannot open shared object file")
+
+    monkeypatch.setattr(seccomp, "build_seccomp_filter", broken)
+    with pytest.raises(RuntimeError, match="ImportError: libseccomp.so.2: cannot open"):
+        seccomp.compile_bpf_elsewhere()
+
+
+@pytest.mark.skipif(not isolation.pyseccomp_available(), reason="needs pyseccomp + libseccomp")
+def test_the_seccomp_helper_returns_a_bpf_program():
+    from autoif.sandbox import seccomp
+
+    nr, bpf = seccomp.compile_bpf_elsewhere()
+    assert bpf and len(bpf) % 8 == 0  # struct sock_filter entries
+    assert nr > 0  # the `seccomp` syscall is known here: children load the filter with SPEC_ALLOW

@@ -37,9 +37,10 @@ def test_stage_a_on_the_real_small_model(prefect_harness, make_cfg, llamacpp_ser
         "run_name": "real", "engine.kind": "openai", "engine.base_url": llamacpp_server, "engine.model": "gemma3-270m",
         "engine.max_concurrency": 1, "self_instruct.seeds_path": str(seeds), "self_instruct.n_calls": 1,
         "self_instruct.max_tokens": 96, "verifier_synthesis.n_completions": 1, "verifier_synthesis.max_tokens": 160,
-        "back_translation.max_tokens": 64, "back_translation.mode": "llm_judge",
+        "back_translation.max_tokens": 64, "consistency_filter.max_tokens": 64, "consistency_filter.mode": "llm_judge",
         # llama-cpp-python's server returns one choice whatever n is (the engine then rejects the reply), and rejects response_format type json_schema (HTTP 500; it takes json_object + schema)
         "verifier_synthesis.use_json_schema": False, "back_translation.use_json_schema": False,
+        "consistency_filter.use_json_schema": False,
     })
     refs = build_instructions(cfg)
     store = Store(cfg.store.root)

@@ -5,7 +5,7 @@
 - :class:`LLMRequestError`: this request can never succeed as sent; the fault is in one prompt. It names the
   prompt (``prompt_index``) when known and a short ``reason`` code a step keeps on the dropped row:
   :class:`LLMContextOverflowError` ("prompt_too_long"), :class:`LLMRefusedError` ("request_refused"),
-  :class:`LLMResponseError` ("malformed_answer"), :class:`MissingScriptError` ("no_canned_output").
+  :class:`LLMResponseError` ("malformed_answer").
 - :class:`LLMSetupError`: the engine cannot start (package or model missing, base_url unset, bad script file).
 - :class:`LLMError` itself: any other engine failure; neither retried nor turned into a row's reason.
 """
@@ -72,10 +72,9 @@ class LLMResponseError(LLMRequestError):
     reason = "malformed_answer"
 
 
-class MissingScriptError(LLMRequestError):
-    """The scripted engine has no canned output for this prompt."""
-
-    reason = "no_canned_output"
+class MissingScriptError(LLMError):
+    """The scripted engine has no canned output for this prompt: the test's script is incomplete. Not a row's
+    reason: the step fails, naming the prompt (a test author wants to know, not a quiet drop)."""
 
 
 # What each engine says when a prompt does not fit (matched case-insensitively):

@@ -3,7 +3,7 @@
 File format (JSON or JSONL): records ``{"prompt": str, "outputs": [str, ...]}``. A prompt asked for ``n``
 completions gets the first ``n`` outputs (cycled when fewer are canned). Matching is on the exact prompt
 text; ``prompt_sha256`` may stand in for ``prompt`` in large files. A prompt with no canned output raises
-:class:`MissingScriptError` (an ``LLMRequestError``, reason "no_canned_output") naming the prompt's hash and
+:class:`MissingScriptError` (an ``LLMError``: the step fails) naming the prompt's hash and
 head, so the test author knows what to add. A missing or invalid file is an :class:`LLMSetupError`.
 
 A record may carry ``"error"`` instead of ``"outputs"``: the prompt then fails the way a real engine fails it,
@@ -124,9 +124,7 @@ class ScriptedLLM:
                 error.prompt_index = i
                 out.append(error)
             elif not canned:
-                out.append(MissingScriptError(
-                    f"{self.name}: no canned output for prompt sha256={key[:16]}… starting {prompt[:120]!r}", prompt_index=i
-                ))
+                raise MissingScriptError(f"{self.name}: no canned output for prompt sha256={key[:16]}… starting {prompt[:120]!r}")
             else:
                 self.calls[key] += 1
                 out.append([canned[j % len(canned)] for j in range(n)])

@@ -107,13 +107,15 @@ def run_whole_step(spec: StepSpec, cfg: RunConfig, inputs: dict[str, StepRef], k
         if name in spec.stream:
             kwargs[name] = stream_kept(store, ref, seen, name)
         else:
-            frame = kept_rows(store.read_step(ref)[0])
+            frame = store.read_step(ref)[0]
+            frame = frame if name in spec.with_dropped else kept_rows(frame)
             seen[name] = len(frame)
             kwargs[name] = frame
     started = time.monotonic()
     with usage_scope() as usage:
         out = spec.fn(**kwargs)
-    funnel = Funnel.of(spec.name, rows_in(seen, spec.funnel_input), out)
+    # a step without inputs (seeds) reads its rows from a file: they are its rows in
+    funnel = Funnel.of(spec.name, rows_in(seen, spec.funnel_input) if inputs else len(out), out)
     meta = {"funnel": funnel.model_dump(), "metrics": spec.metrics(out) if spec.metrics else {},
             "usage": usage_metrics(usage), "seconds": round(time.monotonic() - started, 3)}
     m = store.write_step(out, cfg.run_name, spec.name, key, schema=spec.schema,

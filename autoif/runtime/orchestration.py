@@ -159,6 +159,9 @@ class Step:
         try:
             if batch_task is None:
                 ref = head.submit(spec=spec, cfg=cfg, inputs=inputs, key=key).result()
+                if run.store.manifest(ref.run, ref.step, ref.key) is None:  # Prefect cached it, the store lost it
+                    log.warning("step %s: Prefect's cached result points at %s, which is gone: recomputing", spec.name, ref.uri)
+                    ref = head.with_options(refresh_cache=True).submit(spec=spec, cfg=cfg, inputs=inputs, key=key).result()
                 done = run.store.manifest(ref.run, ref.step, ref.key)
                 if done is not None and done.created_at >= run.started_at:  # computed in this flow run
                     run.add_usage(done.meta.get("usage") or {})
@@ -181,6 +184,7 @@ class Step:
         upstream = [r.uri for r in inputs.values()]
         if store.manifest(cfg.run_name, spec.name, key) is not None:
             return head.submit(spec=spec, cfg=cfg, key=key, results=None, n_rows_in=0, upstream=upstream).result()
+        head = head.with_options(refresh_cache=True)  # no manifest: whatever Prefect cached for the commit is stale
         seen: dict[str, int] = {}
         streams = {k: execute.stream_kept(store, r, seen, k) for k, r in inputs.items()}
         total = _batch_count(store, spec, cfg, inputs)
@@ -190,6 +194,7 @@ class Step:
         failure: tuple[int, BaseException] | None = None
 
         index: dict[int, int] = {}  # id(future) -> batch number
+        batches_by_index: dict[int, object] = {}  # the batches in flight (to recompute one whose part is gone)
 
         def settle(future) -> None:
             nonlocal failure
@@ -200,6 +205,11 @@ class Step:
             except Exception as e:  # noqa: BLE001  kept and raised as StepFailed once the others settled
                 failure = failure or (b, e)
                 return
+            if future.state.name == "Cached" and store.read_part(cfg.run_name, spec.name, key, b) is None:
+                log.warning("step %s: batch %d cached by Prefect but its part is gone: recomputing", spec.name, b)
+                r = batch_task.with_options(refresh_cache=True).submit(
+                    spec=spec, cfg=cfg, key=key, batch_index=b, batch=batches_by_index.pop(b)).result()
+            batches_by_index.pop(b, None)
             results.append(r)
             reused = r.reused or future.state.name == "Cached"  # done by an earlier flow run: no new usage
             if not reused:
@@ -213,6 +223,7 @@ class Step:
                 break
             future = batch_task.submit(spec=spec, cfg=cfg, key=key, batch_index=b, batch=batch)
             index[id(future)] = b
+            batches_by_index[b] = batch
             pending.append(future)
             while len(pending) >= limit:
                 settle(next(iter(as_completed(list(pending)))))

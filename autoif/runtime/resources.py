@@ -19,7 +19,11 @@ _nli: dict[str, Any] = {}
 
 
 def _engine_key(cfg: EngineConfig) -> str:
-    return cfg.model_dump_json()
+    key = cfg.model_dump_json()
+    if cfg.kind is EngineKind.scripted and cfg.scripted_path and Path(cfg.scripted_path).is_file():
+        # a rewritten script file is read again (as a restarted server serves its model again)
+        key += hashlib.sha256(Path(cfg.scripted_path).read_bytes()).hexdigest()
+    return key
 
 
 def llm(cfg: EngineConfig):
@@ -41,10 +45,8 @@ def built_engines() -> list[Any]:
 
 def engine_identity(cfg: EngineConfig) -> str:
     """A stable string naming engine + model, without loading the model: part of every LLM step's key."""
-    if cfg.kind is EngineKind.scripted:
-        path = Path(cfg.scripted_path) if cfg.scripted_path else None
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path and path.is_file() else "missing"
-        return f"scripted:{digest}"
+    if cfg.kind is EngineKind.scripted:  # named by its file, as a served model is named by its server and name
+        return f"scripted:{cfg.scripted_path}"
     if cfg.kind is EngineKind.openai:
         return f"openai:{(cfg.base_url or '').rstrip('/')}:{cfg.model}:{'chat' if cfg.chat else 'completion'}"
     if cfg.kind is EngineKind.llamacpp:

@@ -49,6 +49,7 @@ class StepSpec:
     empty: Callable[[], pd.DataFrame] | None = None  # a batched step's output when there is no batch
     batch_group: str | None = None  # batches hold whole groups of this input column (progress counts them)
     stream: tuple[str, ...] = ()  # inputs read part by part (batched steps: all inputs are streamed)
+    with_dropped: tuple[str, ...] = ()  # inputs passed with their dropped rows too (e.g. failed responses for DPO)
     funnel_input: str | None = None  # the input whose rows are the funnel's rows_in (default: all)
     retries: int = 2
     retry_delay_seconds: float = 5
