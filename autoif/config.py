@@ -59,6 +59,7 @@ class PipelineStep(str, Enum):
     sft = "sft"
     query_dpo = "query_dpo"
     instruction_dpo = "instruction_dpo"
+    exports = "exports"  # the training data as TRL, LLaMA-Factory and Hugging Face datasets files
 
     @property
     def position(self) -> int:
@@ -280,6 +281,17 @@ class InstructionPairsConfig(_Model):
     max_rejected_per_instruction: int = 2
 
 
+class ExportsConfig(_Model):
+    """The exports of the training data: TRL conversational SFT and preference Parquet, LLaMA-Factory alpaca JSON
+    with its ``dataset_info.json``, a Hugging Face ``datasets`` directory with a dataset card."""
+
+    dataset_name: str = Field("autoif", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # LLaMA-Factory: <name>_sft, <name>_dpo
+    dpo_levels: list[Literal["query", "instruction"]] = Field(default_factory=lambda: ["query", "instruction"], min_length=1)
+    # the licence of the queries, as the dataset card states it; None = the built-in queries' (Apache-2.0, written
+    # for autoif-flow) when queries.path is unset, else "see the source"
+    queries_licence: str | None = None
+
+
 class PolicyConfig(_Model):
     """The model stage C trains (the supervision engine ``engine`` writes the data)."""
 
@@ -365,6 +377,7 @@ class RunConfig(_Model):
     contamination: ContaminationConfig = Field(default_factory=ContaminationConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     instruction_pairs: InstructionPairsConfig = Field(default_factory=InstructionPairsConfig)
+    exports: ExportsConfig = Field(default_factory=ExportsConfig)
     setting: Setting = Setting.self_alignment
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 

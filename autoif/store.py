@@ -4,6 +4,11 @@ Layout: ``<root>/<run>/<step>/<key>/part-00000.parquet ... _manifest.json``. ``k
 config, its code and its input versions. The manifest is written last: a step counts as done only when its
 manifest exists, so a write killed half-way never looks complete and a re-run simply writes it again.
 Every write validates the frame with the step's Pandera schema first.
+
+A step may also leave files beside its parts (an export's JSON, a dataset card): ``write_step(files={name:
+bytes})``, or a frame that carries them in ``frame.attrs[FILES_ATTR]`` (how a plain task function hands them
+over). They are written after the parts and before the manifest, listed with their sha256 in
+``Manifest.files_extra`` and covered by the digest.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import io
 import json
 import posixpath
 import uuid
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import fsspec
 import pandas as pd
@@ -26,6 +31,7 @@ from autoif import __version__
 from autoif.config import StoreConfig
 
 MANIFEST = "_manifest.json"
+FILES_ATTR = "autoif.files"  # frame.attrs key: {file name: bytes} to write beside the step's parts
 
 
 class StepValidationError(ValueError):
@@ -54,6 +60,7 @@ class Manifest(StepRef):
     code_version: str
     created_at: str
     meta: dict = {}  # e.g. the step's funnel and metrics
+    files_extra: dict[str, str] = {}  # files beside the parts (not Parquet parts of the step): name -> sha256
 
 
 class Part(BaseModel):
@@ -107,17 +114,23 @@ class Store:
         schema=None,
         upstream: Sequence[str] = (),
         meta: dict | Callable[[], dict] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> Manifest:
         """Validate and write one step output (a frame, or an iterable of frames written as parts, one at a
-        time), then its manifest. ``meta`` may be a callable, evaluated after the last part."""
+        time), then the extra ``files`` (default: a frame's ``attrs[FILES_ATTR]``), then its manifest. ``meta``
+        may be a callable, evaluated after the last part."""
         d = self._dir(run, step, key)
         if self.fs.exists(d):  # leftovers of a killed write: start clean
             self.fs.rm(d, recursive=True)
+        if files is None and isinstance(data, pd.DataFrame):
+            files = data.attrs.get(FILES_ATTR)
         frames = [data] if isinstance(data, pd.DataFrame) else data
         parts = [self.write_part(frame, run, step, key, i, schema=schema) for i, frame in enumerate(frames)]
         if not parts:
             raise StepValidationError(f"step {step!r}: no data frames to write")
-        return self.commit(parts, run, step, key, upstream=upstream, meta=(meta() if callable(meta) else meta) or {})
+        extra = {name: self.write_file(run, step, key, name, payload) for name, payload in sorted((files or {}).items())}
+        return self.commit(parts, run, step, key, upstream=upstream, meta=(meta() if callable(meta) else meta) or {},
+                           files_extra=extra)
 
     def write_part(self, frame: pd.DataFrame, run: str, step: str, key: str, index: int, schema=None) -> Part:
         """Validate and write part ``index`` of a step output. The part appears whole or not at all (a local
@@ -160,17 +173,51 @@ class Store:
                     columns={f.name: str(f.type) for f in table.schema})
         return table.to_pandas(), part
 
+    def write_file(self, run: str, step: str, key: str, name: str, data: bytes) -> str:
+        """Write one extra file beside a step's parts (whole or not at all, like a part); returns its sha256.
+        The step counts as done only once :meth:`commit` lists it in the manifest."""
+        if (not name or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST
+                or (name.startswith("part-") and name.endswith(".parquet"))):
+            raise ValueError(f"step {step!r}: invalid extra file name {name!r}")
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"step {step!r}: extra file {name!r} must be bytes, got {type(data).__name__}")
+        d = self._dir(run, step, key)
+        self.fs.makedirs(d, exist_ok=True)
+        target = posixpath.join(d, name)
+        if self._protocol in ("", "file://"):  # renamed into place; an S3 object exists once its upload completed
+            tmp = posixpath.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, target)
+        else:
+            with self.fs.open(target, "wb") as f:
+                f.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_file(self, ref: StepRef, name: str) -> bytes:
+        """An extra file of a finished step (one its manifest lists)."""
+        m = self.manifest(ref.run, ref.step, ref.key)
+        if m is None:
+            raise StepNotFoundError(f"{ref.uri}: no {MANIFEST}; the step never completed")
+        if name not in m.files_extra:
+            raise FileNotFoundError(f"{ref.uri}: no extra file {name!r} (has: {', '.join(sorted(m.files_extra)) or 'none'})")
+        with self.fs.open(posixpath.join(self._dir(ref.run, ref.step, ref.key), name), "rb") as f:
+            return f.read()
+
     def commit(self, parts: Sequence[Part], run: str, step: str, key: str, upstream: Sequence[str] = (),
-               meta: dict | None = None) -> Manifest:
-        """Write the manifest over ``parts`` (in their order): from now on the step counts as done."""
+               meta: dict | None = None, files_extra: Mapping[str, str] | None = None) -> Manifest:
+        """Write the manifest over ``parts`` (in their order) and the extra files already written (name ->
+        sha256): from now on the step counts as done."""
         if not parts:
             raise StepValidationError(f"step {step!r}: no parts to commit")
         files = {p.name: p.sha256 for p in parts}
-        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        extra = dict(files_extra or {})
+        # the digest covers every file of the version (the same as before for a step without extra files)
+        digest = hashlib.sha256(json.dumps({**files, **extra}, sort_keys=True).encode()).hexdigest()
         manifest = Manifest(
             run=run, step=step, key=key, uri=self.uri(run, step, key), rows=sum(p.rows for p in parts), digest=digest,
             columns=parts[0].columns, files=files, upstream=list(upstream), code_version=code_version(),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {},
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {}, files_extra=extra,
         )
         with self.fs.open(posixpath.join(self._dir(run, step, key), MANIFEST), "w") as f:  # last: marks it done
             f.write(manifest.model_dump_json(indent=2))

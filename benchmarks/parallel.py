@@ -121,7 +121,9 @@ def main() -> None:
             t1 = time.perf_counter()
             ref = getattr(steps, step_name)(run, **inputs)
             t2 = time.perf_counter()
-        return {"step_s": t2 - t1, "setup_s": t1 - t0, "digest": ref.digest, "rows": ref.rows}
+            usage = run.store.manifest(ref.run, ref.step, ref.key).meta.get("usage") or {}
+        return {"step_s": t2 - t1, "setup_s": t1 - t0, "digest": ref.digest, "rows": ref.rows,
+                "tokens": usage.get("llm_completion_tokens", 0.0)}
 
     variants = {"a": ("thread", 1), "b": ("thread", 2), "c": ("dask", 2)}
 
@@ -138,9 +140,15 @@ def main() -> None:
             print(f"{step_name}.{v}.runner = {runner} (batches in flight {in_flight})", flush=True)
             print(f"{step_name}.{v}.step_s = {res['step_s']:.2f}", flush=True)
             print(f"{step_name}.{v}.flow_s = {res['flow_s']:.2f}  # includes Prefect/Dask start-up", flush=True)
+            if res["tokens"]:
+                print(f"{step_name}.{v}.completion_tokens_per_s = {res['tokens'] / res['step_s']:.1f}", flush=True)
         a = out["a"]["step_s"]
-        print(f"{step_name}.b/a = {a / out['b']['step_s']:.2f}")
+        print(f"{step_name}.b/a = {a / out['b']['step_s']:.2f}  # wall-time speedup")
         print(f"{step_name}.c/a = {a / out['c']['step_s']:.2f}")
+        if all(r["tokens"] for r in out.values()):  # sampled outputs differ in length: compare throughput too
+            rate = {v: r["tokens"] / r["step_s"] for v, r in out.items()}
+            print(f"{step_name}.tokens_per_s.b/a = {rate['b'] / rate['a']:.2f}")
+            print(f"{step_name}.tokens_per_s.c/a = {rate['c'] / rate['a']:.2f}")
         print(f"{step_name}.same_digest = {len({r['digest'] for r in out.values()}) == 1}")
         return out
 

@@ -19,6 +19,8 @@ def stage_a(run: PipelineRun, until: PipelineStep = PipelineStep.consistency_fil
         refs["verifier_synthesis"] = steps.synthesize_verifiers(run, instructions=refs["self_instruct"])  # 2. K funcs + cases
     if last >= 2:
         refs["cross_validation"] = steps.cross_validate(run, candidates=refs["verifier_synthesis"])  # 3. in the sandbox
+        # seeds with a shipped reference function: how well did synthesis do where the answer is known?
+        refs["reference_agreement"] = steps.reference_agreement(run, candidates=refs["verifier_synthesis"], seeds=refs["seeds"])
     if last >= 3:
         refs["back_translation"] = steps.back_translate(run, validated=refs["cross_validation"])  # 4. functions -> text
     if last >= 4:

@@ -9,7 +9,7 @@ from autoif.config import PipelineStep, RunConfig, load_config
 from autoif.flows.data import stage_b
 from autoif.flows.instructions import stage_a
 from autoif.runtime import task_runner
-from autoif.runtime.recording import pipeline_run
+from autoif.runtime.recording import log_training_data_cost, pipeline_run
 from autoif.store import StepRef
 
 
@@ -21,6 +21,7 @@ def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.instructi
         refs = stage_a(run, until)
         if PipelineStep(until).position > PipelineStep.consistency_filter.position:
             refs.update(stage_b(run, refs, until))
+            log_training_data_cost(run, refs)  # tokens in/out, per kept SFT row and DPO pair
         return refs
 
 

@@ -20,13 +20,14 @@ from autoif.schemas.stage_b import (
     StageBInstructions,
     Verified,
 )
-from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, VerifierCandidates
+from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, ReferenceAgreement, VerifierCandidates
 from autoif.tasks import back_translation as bt
 from autoif.tasks import consistency_filter as cf
 from autoif.tasks import cross_validation as cv
 from autoif.tasks import contamination as ct
 from autoif.tasks import evaluate as ev
 from autoif.tasks import quality_filter as qf
+from autoif.tasks import reference_agreement as ra
 from autoif.tasks import queries as qs
 from autoif.tasks import query_augmentation as qa
 from autoif.tasks import response_generation as rg
@@ -58,6 +59,9 @@ synthesize_verifiers = Step(StepSpec("verifier_synthesis", vs.synthesize_batch, 
 cross_validate = Step(StepSpec("cross_validation", cv.cross_validate, schema=CrossValidated, config="cross_validation",
                                key_extra=cv.probes_digest, batches=cv.cv_batches, empty=cv.no_cross_validated,
                                batch_group="instruction_id", metrics=cv.cv_metrics, metrics_final=cv.cv_means))
+
+reference_agreement = Step(StepSpec("reference_agreement", ra.reference_agreement, schema=ReferenceAgreement, config="cross_validation",
+                                    key_extra=cv.probes_digest, metrics=ra.agreement_metrics, funnel_input="candidates"))
 
 back_translate = Step(StepSpec("back_translation", bt.back_translate, schema=BackTranslated, config="back_translation",
                                batches=bt.bt_batches, empty=bt.no_back_translations, batch_group="instruction_id",

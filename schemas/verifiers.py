@@ -73,3 +73,17 @@ class Consistent(BackTranslated):
     ``reason``: contradiction, judge_unparseable."""
 
     labels: Series[str] = pa.Field(nullable=True)
+
+
+class ReferenceAgreement(StepFrame):
+    """Per function synthesized for a seed with a shipped reference: the share of probe responses and
+    reference cases on which both functions give the same verdict."""
+
+    instruction_id: Series[str]
+    instruction: Series[str]
+    family: Series[str]
+    completion: Series[int] = pa.Field(ge=0)
+    func_key: Series[str]
+    agreement: Series[float] = pa.Field(ge=0, le=1)
+    n_inputs: Series[int] = pa.Field(ge=0)
+    reference_errors: Series[int] = pa.Field(ge=0)

@@ -187,19 +187,22 @@ def commit_batches(spec: StepSpec, cfg: RunConfig, key: str, results: list[Batch
 def run_locally(spec: StepSpec, cfg: Any, **inputs: Any) -> pd.DataFrame:
     """A step as a plain function call, in this process (tests, notebooks): ``inputs`` are frames (or
     iterables of frames for streamed inputs) plus any resource the function asks for (``llm``, ``sandbox``,
-    ``nli``, ``seed``); ``cfg`` is the step's config section. A batched step runs its batches in order."""
-    if not spec.batched:
-        return spec.fn(cfg=cfg, **inputs) if spec.wants("cfg") else spec.fn(**inputs)
-    frames = {k: v for k, v in inputs.items() if k not in ("llm", "sandbox", "nli", "seed")}
-    extra = {k: v for k, v in inputs.items() if k in ("llm", "sandbox", "nli", "seed") and spec.wants(k)}
+    ``nli``, ``seed``); ``cfg`` is the step's config section. A sandbox it asks for and is not given is the
+    process's pool; a batched step runs its batches in order."""
+    resource_names = ("llm", "sandbox", "nli", "seed")
+    frames = {k: v for k, v in inputs.items() if k not in resource_names}
+    extra = {k: v for k, v in inputs.items() if k in resource_names and spec.wants(k)}
     if spec.wants("sandbox") and "sandbox" not in extra:
         extra["sandbox"] = resources.sandbox(getattr(cfg, "sandbox_workers", None), getattr(cfg, "timeout_s", 1.0))
     if spec.wants("seed") and "seed" not in extra:
         extra["seed"] = 0
+    given_cfg = {"cfg": cfg} if spec.wants("cfg") else {}
+    if not spec.batched:
+        return spec.fn(**frames, **extra, **given_cfg, **spec.params)
     streams = {k: ([v] if isinstance(v, pd.DataFrame) else v) for k, v in frames.items()}
     outs = []
     for b, batch in enumerate(spec.batches(**streams, cfg=cfg)):
-        kwargs = {**extra, **({"cfg": cfg} if spec.wants("cfg") else {}), **spec.params}
+        kwargs = {**extra, **given_cfg, **spec.params}
         if spec.wants("batch_index"):
             kwargs["batch_index"] = b
         outs.append(spec.fn(batch, **kwargs))

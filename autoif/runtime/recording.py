@@ -105,6 +105,34 @@ def log_survival(run: PipelineRun, first: StepRef, last: StepRef, group: str = "
     return values
 
 
+def training_data_cost(store: Store, refs: dict[str, StepRef]) -> dict[str, float]:
+    """LLM tokens in and out over the run's steps, and per kept SFT row and DPO pair (what a run costs)."""
+    tokens_in = tokens_out = 0.0
+    for ref in refs.values():
+        m = store.manifest(ref.run, ref.step, ref.key)
+        usage = (m.meta.get("usage") if m else None) or {}
+        tokens_in += float(usage.get("llm_prompt_tokens", 0.0))
+        tokens_out += float(usage.get("llm_completion_tokens", 0.0))
+    out = {"tokens_in": tokens_in, "tokens_out": tokens_out}
+    kept = {name: (store.manifest(r.run, r.step, r.key).meta.get("funnel") or {}).get("rows_out", 0)
+            for name, r in refs.items() if name in ("sft", "query_dpo", "instruction_dpo")}
+    pairs = kept.get("query_dpo", 0) + kept.get("instruction_dpo", 0)
+    if kept.get("sft"):
+        out["tokens_per_sft_row"] = (tokens_in + tokens_out) / kept["sft"]
+    if pairs:
+        out["tokens_per_dpo_pair"] = (tokens_in + tokens_out) / pairs
+    return out
+
+
+def log_training_data_cost(run: PipelineRun, refs: dict[str, StepRef]) -> dict[str, float]:
+    """:func:`training_data_cost` on the flow's MLflow run (``cost.*``)."""
+    from mlflow.entities import Metric
+
+    values = training_data_cost(run.store, refs)
+    run.tracker.client.log_batch(run.parent_run_id, metrics=[Metric(f"cost.{k}", v, 0, 0) for k, v in values.items()])
+    return values
+
+
 # --- evaluation -------------------------------------------------------------------------------------------
 
 EVAL_TAG_BENCHMARK = "autoif.eval.benchmark"
