@@ -434,3 +434,35 @@ def show(
     console.print(f"[bold]{uri}[/bold]  rows={len(df)}")
     with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.max_columns", 50):
         typer.echo(df.head(n).to_string())
+
+
+@app.command()
+def datasets(
+    run_name: Optional[str] = typer.Option(None, "--run", help="only this run"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    set_: list[str] = typer.Option([], "--set"),
+) -> None:
+    """List the exported datasets (TRL, LLaMA-Factory, Hugging Face) in the store: every version of every run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from autoif.store import Store
+
+    cfg = _config(config, None, set_)
+    store = Store.from_config(cfg.store)
+    table = Table(title=f"exported datasets in {cfg.store.root}")
+    for col in ("run", "export", "key", "rows", "digest", "created", "from (upstream)", "files"):
+        table.add_column(col, justify="right" if col == "rows" else "left", overflow="fold",
+                         no_wrap=col in ("key", "rows", "digest"))
+    for name in [run_name] if run_name else store.runs():
+        for m in store.manifests(name):
+            if not m.step.startswith("export_"):
+                continue
+            root = m.uri.rsplit("/", 3)[0] + "/"  # <root>/<run>/<step>/<key>: upstream shown as <run>/<step>/<key>
+            upstream = "\n".join(u.removeprefix(root) for u in m.upstream) or "-"
+            table.add_row(name, m.step, m.key, str(m.rows), m.digest[:12], m.created_at[:19].replace("T", " "), upstream,
+                          "\n".join(sorted(m.files_extra)) or "-")
+    console = Console()
+    console.print(table)
+    if not table.row_count:
+        console.print("no exports yet: `autoif run --until exports` makes them", markup=False, highlight=False)

@@ -122,8 +122,10 @@ class Store:
         d = self._dir(run, step, key)
         if self.fs.exists(d):  # leftovers of a killed write: start clean
             self.fs.rm(d, recursive=True)
-        if files is None and isinstance(data, pd.DataFrame):
-            files = data.attrs.get(FILES_ATTR)
+        if isinstance(data, pd.DataFrame) and FILES_ATTR in data.attrs:
+            files = data.attrs[FILES_ATTR] if files is None else files
+            data = data.copy(deep=False)  # pyarrow would put attrs into the Parquet metadata: not the files
+            data.attrs = {k: v for k, v in data.attrs.items() if k != FILES_ATTR}
         frames = [data] if isinstance(data, pd.DataFrame) else data
         parts = [self.write_part(frame, run, step, key, i, schema=schema) for i, frame in enumerate(frames)]
         if not parts:

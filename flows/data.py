@@ -38,6 +38,18 @@ def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = Pipel
         refs["query_dpo"] = steps.query_dpo(run, verified=refs["verification"], clean=refs["contamination"])  # 8. pairs
     if reached(PipelineStep.instruction_dpo):
         refs["instruction_dpo"] = steps.instruction_dpo(run, instructions=refs["stage_b_instructions"])  # 8. case pairs
+    if reached(PipelineStep.exports):  # the training data as TRL, LLaMA-Factory and HF datasets read it
+        from autoif.tasks.exports import card_facts
+
+        # the run's funnel as its manifests recorded it, for the dataset card (read before the exports join)
+        funnel = [{**run.store.manifest(r.run, r.step, r.key).meta["funnel"], "digest": r.digest}
+                  for r in {**a, **refs}.values()]
+        refs["export_trl_sft"] = steps.export_trl_sft(run, sft=refs["sft"])
+        refs["export_trl_dpo"] = steps.export_trl_dpo(run, query_dpo=refs["query_dpo"], instruction_dpo=refs["instruction_dpo"])
+        refs["export_llamafactory"] = steps.export_llamafactory(run, sft=refs["sft"], query_dpo=refs["query_dpo"],
+                                                                instruction_dpo=refs["instruction_dpo"])
+        refs["export_hf"] = steps.export_hf(card_facts(run.cfg, funnel))(run, sft=refs["export_trl_sft"],
+                                                                         dpo=refs["export_trl_dpo"])
     return refs
 
 

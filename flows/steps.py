@@ -137,3 +137,23 @@ class EvaluationSteps:
         self.scores = Step(StepSpec(f"{b}_scores", scorer, schema=schema, config="eval", params={"benchmark": spec.benchmark},
                                     engine=spec.judge or "engine", key_extra=ev.scores_key,
                                     metrics=partial(ev.metrics_of, spec.benchmark)))
+
+
+# --- exports: the training data as TRL, LLaMA-Factory and Hugging Face datasets read it -------------------
+
+from autoif.schemas.exports import TRLDPO, TRLSFT, HFIndex, LlamaFactoryRows  # noqa: E402
+from autoif.tasks import exports as ex  # noqa: E402
+
+export_trl_sft = Step(StepSpec("export_trl_sft", ex.trl_sft, schema=TRLSFT))
+
+export_trl_dpo = Step(StepSpec("export_trl_dpo", ex.trl_dpo, schema=TRLDPO, config="exports", key_fields=("dpo_levels",)))
+
+export_llamafactory = Step(StepSpec("export_llamafactory", ex.llamafactory, schema=LlamaFactoryRows, config="exports",
+                                    key_fields=("dataset_name", "dpo_levels")))
+
+
+def export_hf(card: ex.CardFacts) -> Step:
+    """The Hugging Face datasets export of one run: the facts its dataset card states (the run's funnel, read
+    from the step manifests by the flow; source, licence, generation settings) are a fixed parameter, part of
+    its key."""
+    return Step(StepSpec("export_hf", ex.hf_dataset, schema=HFIndex, config="exports", params={"card_facts": card}))

@@ -42,9 +42,14 @@ def score_prompt(instruction: str, query: str, response: str) -> str:
 
 
 def parse_score(text: str | None) -> tuple[float | None, str | None, str]:
-    """(score, reason, analysis): from ``{"analysis", "score"}``, else the last "Score: N" line."""
+    """(score, reason, analysis): the last line "Score: N" (AutoIF's format) when there is one, else the
+    ``{"analysis", "score"}`` object of a constrained answer, else the last "Score: N" anywhere."""
     if not isinstance(text, str) or not text.strip():
         return None, "missing_score", ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    m = _SCORE_LINE.search(lines[-1]) if lines else None
+    if m is not None:  # an explicit last line wins over JSON the analysis may quote
+        return _ranged(float(m.group(1)), "\n".join(lines[:-1]))
     blob, _ = extract_json_text(text)
     if blob is not None:
         try:
@@ -60,14 +65,10 @@ def parse_score(text: str | None) -> tuple[float | None, str | None, str]:
                 return _ranged(float(value), analysis)
             except ValueError:
                 return None, "missing_score", analysis
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    m = _SCORE_LINE.search(lines[-1]) if lines else None
-    if m is None:
-        found = _SCORE_LINE.findall(text)
-        if not found:
-            return None, "missing_score", text
-        return _ranged(float(found[-1]), text)
-    return _ranged(float(m.group(1)), "\n".join(lines[:-1]))
+    found = _SCORE_LINE.findall(text)
+    if not found:
+        return None, "missing_score", text
+    return _ranged(float(found[-1]), text)
 
 
 def _ranged(score: float, analysis: str) -> tuple[float | None, str | None, str]:

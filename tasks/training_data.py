@@ -28,12 +28,18 @@ def _id(*parts: str) -> str:
 
 
 def sft_rows(clean: pd.DataFrame) -> pd.DataFrame:
-    """One SFT row per response that passed verification, the score filter and the contamination check."""
-    rows = [{"sft_id": _id(r.response_id), "prompt": training_prompt(r.query, r.instruction), "response": r.response,
-             "instruction_id": r.instruction_id, "instruction": r.instruction, "query_id": r.query_id, "query": r.query,
-             "pass_rate": float(r.pass_rate), "score": float(r.score), "func_ids": r.func_ids,
-             "verifier_source": r.verifier_source, "response_id": r.response_id, "reason": None}
-            for r in clean.itertuples()]
+    """One SFT row per response that passed verification, the score filter and the contamination check; a
+    response text sampled twice for the same (instruction, query) is kept once (``duplicate_response``)."""
+    seen: set[tuple[str, str, str]] = set()
+    rows = []
+    for r in clean.sort_values(["pair_id", "response_index"]).itertuples():
+        key = (r.instruction_id, r.query_id, r.response)
+        rows.append({"sft_id": _id(r.response_id), "prompt": training_prompt(r.query, r.instruction), "response": r.response,
+                     "instruction_id": r.instruction_id, "instruction": r.instruction, "query_id": r.query_id,
+                     "query": r.query, "pass_rate": float(r.pass_rate), "score": float(r.score), "func_ids": r.func_ids,
+                     "verifier_source": r.verifier_source, "response_id": r.response_id,
+                     "reason": "duplicate_response" if key in seen else None})
+        seen.add(key)
     return pd.DataFrame(rows, columns=SFT_COLUMNS)
 
 
@@ -48,9 +54,12 @@ def query_pairs(verified: pd.DataFrame, clean: pd.DataFrame, cfg: PairsConfig) -
     rows = []
     for pair_id, group in verified.groupby("pair_id", sort=True):
         first = group.iloc[0]
+        # best chosen first; one response per distinct text on each side (a sampled repeat is not a new pair)
         chosen = chosen_all[chosen_all["pair_id"] == pair_id].sort_values(
-            ["pass_rate", "score", "response_id"], ascending=[False, False, True]).head(cfg.max_chosen_per_prompt)
-        rejected = rejected_all[rejected_all["pair_id"] == pair_id].sort_values("response_id").head(cfg.max_rejected_per_prompt)
+            ["pass_rate", "score", "response_index"], ascending=[False, False, True]).drop_duplicates("response")
+        chosen = chosen.head(cfg.max_chosen_per_prompt)
+        rejected = rejected_all[rejected_all["pair_id"] == pair_id].sort_values("response_index").drop_duplicates("response")
+        rejected = rejected.head(cfg.max_rejected_per_prompt)
         prompt = training_prompt(first["query"], first["instruction"])
         base = {"level": "query", "prompt": prompt, "func_ids": first["func_ids"], "verifier_source": first["verifier_source"],
                 "instruction_id": first["instruction_id"], "query_id": first["query_id"]}

@@ -137,12 +137,23 @@ def test_stage_a_on_a_local_dask_cluster_equals_the_thread_runner(prefect_harnes
     from autoif.flows.pipeline import run_pipeline
 
     threads = _stage_a_cfg(make_cfg, run_name="dask")
-    a = run_pipeline(threads)
+    a = run_pipeline(threads, until="consistency_filter")
     dask = threads.model_copy(update={
         "store": threads.store.model_copy(update={"root": str(tmp_path / "store-dask")}),
         "runtime": threads.runtime.model_copy(update={"task_runner": TaskRunnerKind.dask, "workers": 2})})
-    b = run_pipeline(dask)
+    b = run_pipeline(dask, until="consistency_filter")
     assert _outputs(Store(threads.store.root), a) == _outputs(Store(dask.store.root), b)
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    async def batch_runs():
+        async with get_client() as c:
+            return await c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["verifier_synthesis[0]"])))
+
+    # the workers reported to the flow's Prefect server (not each to an ephemeral server of its own)
+    assert len(asyncio.run(batch_runs())) >= 2
     here = f":{os.getpid()}"
     m = Store(threads.store.root).manifest("dask", "verifier_synthesis", a["verifier_synthesis"].key)
     assert all(p.endswith(here) for p in m.meta["processes"])  # threads of this process

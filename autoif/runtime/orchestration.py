@@ -104,8 +104,30 @@ def result_storage(cfg: RunConfig):
     return block
 
 
+def share_prefect_api() -> str:
+    """Make sure worker processes talk to the flow's Prefect API: with no server configured, Prefect runs an
+    ephemeral one inside this process's session, which spawned Dask/Ray workers cannot see (each would start
+    its own, ~20 s, and record its task runs there). Start it now and export its URL to the environment the
+    workers inherit; with a configured server (or the test harness's) export that one. Returns the URL."""
+    import os
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = str(url)
+    return str(url)
+
+
 def task_runner(cfg: RuntimeConfig):
     """The Prefect task runner ``runtime.task_runner`` names (a flow takes it through ``with_options``)."""
+    if cfg.task_runner is not TaskRunnerKind.thread:
+        share_prefect_api()
     if cfg.task_runner is TaskRunnerKind.thread:
         from prefect.task_runners import ThreadPoolTaskRunner
 
