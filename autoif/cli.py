@@ -245,11 +245,12 @@ def run(
             from autoif.config import PipelineStep
             from autoif.flows.pipeline import run_pipeline
 
-            refs = run_pipeline(cfg, until=PipelineStep(until) if until else PipelineStep.instruction_dpo)
+            refs = run_pipeline(cfg, until=PipelineStep(until) if until else PipelineStep.exports)
     from autoif.store import Store
 
     _print_funnel(console, Store.from_config(cfg.store), refs)
     _print_refs(console, refs)
+    _print_training_data(console, Store.from_config(cfg.store), refs)
 
 
 def _print_funnel(console, store, refs) -> None:
@@ -270,6 +271,31 @@ def _print_funnel(console, store, refs) -> None:
         table.add_row(name, str(funnel.get("rows_in", "")), str(funnel.get("rows_out", ref.rows)),
                       ", ".join(f"{r} {c}" for r, c in reasons) or "-", human(tokens) if usage else "-")
     console.print(table)
+
+
+def _print_training_data(console, store, refs) -> None:
+    """Where the SFT and DPO data are, and what they cost in LLM tokens (per kept SFT row and DPO pair)."""
+    from autoif.progress import human
+    from autoif.runtime.recording import training_data_cost
+
+    if "sft" not in refs:
+        return
+    kept = {n: (store.manifest(r.run, r.step, r.key).meta.get("funnel") or {}).get("rows_out", 0) for n, r in refs.items()}
+    console.print(f"SFT rows: {kept.get('sft', 0)}  ->  {refs['sft'].uri}", markup=False, highlight=False, soft_wrap=True)
+    for name in ("query_dpo", "instruction_dpo"):
+        if name in refs:
+            console.print(f"DPO pairs ({name.split('_')[0]}-level): {kept.get(name, 0)}  ->  {refs[name].uri}",
+                          markup=False, highlight=False, soft_wrap=True)
+    for name in ("export_trl_sft", "export_trl_dpo", "export_llamafactory", "export_hf"):
+        if name in refs:
+            console.print(f"{name}: {refs[name].uri}", markup=False, highlight=False, soft_wrap=True)
+    cost = training_data_cost(store, refs)
+    line = f"LLM tokens: {human(cost['tokens_in'])} in, {human(cost['tokens_out'])} out"
+    if "tokens_per_sft_row" in cost:
+        line += f"; {human(cost['tokens_per_sft_row'])} per SFT row"
+    if "tokens_per_dpo_pair" in cost:
+        line += f"; {human(cost['tokens_per_dpo_pair'])} per DPO pair"
+    console.print(line, markup=False, highlight=False)
 
 
 def _print_refs(console, refs) -> None:

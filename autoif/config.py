@@ -198,6 +198,12 @@ class ConsistencyFilterConfig(_Model):
     use_json_schema: bool = True  # constrained decoding of the judge's labels
     nli_batch_size: int = Field(32, ge=1)  # (premise, hypothesis) pairs per classifier forward pass
     batch_size: int = Field(256, ge=1)  # instructions per batch / output part
+    # Beyond AutoIF (which drops only on contradiction): every back-translation must be entailed by the
+    # instruction ("neutral" is dropped as not_entailed), and/or the LLM judges whether the instruction can be
+    # checked from the response text alone by its functions (drops "use only words from a specified page of
+    # the dictionary", which passes cross-validation although no function can check it)
+    require_entailment: bool = False
+    judge_verifiability: bool = False
 
 
 class SeedsConfig(_Model):

@@ -129,17 +129,47 @@ def table(rows: list[dict], ref: list[dict], candidates: pd.DataFrame, validated
     return "\n".join(lines)
 
 
+def judge_verifiability(validated: pd.DataFrame, base_url: str, model: str) -> pd.DataFrame:
+    """The verifiability judge of the consistency filter (``consistency_filter.judge_verifiability``) on the
+    instructions cross-validation kept, asked of a real OpenAI-compatible server."""
+    from autoif.config import load_config
+    from autoif.llm import make_llm
+    from autoif.tasks.consistency_filter import _judge_verifiability
+
+    cfg = load_config(preset="code", overrides={"engine.kind": "openai", "engine.base_url": base_url, "engine.model": model,
+                                                "consistency_filter.judge_verifiability": True,
+                                                "consistency_filter.max_tokens": 96})
+    rows = [{"instruction": r.instruction, "funcs": r.funcs, "reason": None} for r in validated[validated["reason"].isna()].itertuples()]
+    _judge_verifiability(rows, make_llm(cfg.engine), cfg.consistency_filter, seed=0)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
+    import argparse
+
     from autoif.config import load_config
     from autoif.sandbox import Sandbox
 
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else SAMPLE
-    rows = load(path)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path", nargs="?", default=str(SAMPLE))
+    ap.add_argument("--judge-url", help="also ask this OpenAI-compatible server the verifiability judgement")
+    ap.add_argument("--judge-model", default="gemma3-270m")
+    args = ap.parse_args()
+    rows = load(Path(args.path))
     cfg = load_config(preset="code", overrides={"cross_validation.timeout_s": 5.0})  # AutoIF's own limit; robust on a loaded machine
     with Sandbox(timeout_s=cfg.cross_validation.timeout_s) as sb:
         ref = autoif_reference(rows, sb)
     candidates, validated = ours(rows, cfg)
     print(table(rows, ref, candidates, validated))
+    if args.judge_url:
+        judged = judge_verifiability(validated, args.judge_url, args.judge_model)
+        print("\n| instruction | verdict | reason |\n|---|---|---|")
+        for r in judged.itertuples():
+            print(f"| {r.instruction[:60]}... | {r.reason or 'kept'} | {json.loads(r.verifiability)['reason'][:80]!r} |")
+        print(f"verifiability.judged = {len(judged)}")
+        print(f"verifiability.dropped = {int(judged['reason'].notna().sum())}")
+        for reason, n in judged["reason"].value_counts().items():
+            print(f"verifiability.dropped.{reason} = {n}")
 
 
 if __name__ == "__main__":

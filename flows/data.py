@@ -8,9 +8,10 @@ from autoif.flows import steps
 from autoif.flows.instructions import stage_a
 from autoif.runtime.recording import PipelineRun, pipeline_run
 from autoif.store import StepRef
+from autoif.tasks.exports import card_facts
 
 
-def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = PipelineStep.instruction_dpo) -> dict[str, StepRef]:
+def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
     """Stage A's instructions (and the seeds' reference verifiers when asked) -> queries -> K responses per
     (instruction, query) -> verification in the sandbox -> quality score -> contamination check -> SFT rows,
     query-level and instruction-level DPO pairs; ``until`` stops after the named step."""
@@ -39,8 +40,6 @@ def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = Pipel
     if reached(PipelineStep.instruction_dpo):
         refs["instruction_dpo"] = steps.instruction_dpo(run, instructions=refs["stage_b_instructions"])  # 8. case pairs
     if reached(PipelineStep.exports):  # the training data as TRL, LLaMA-Factory and HF datasets read it
-        from autoif.tasks.exports import card_facts
-
         # the run's funnel as its manifests recorded it, for the dataset card (read before the exports join)
         funnel = [{**run.store.manifest(r.run, r.step, r.key).meta["funnel"], "digest": r.digest}
                   for r in {**a, **refs}.values()]
@@ -54,7 +53,7 @@ def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = Pipel
 
 
 @flow(name="autoif-data", flow_run_name="{cfg.run_name}-data", log_prints=True)
-def build_data(cfg: RunConfig, until: PipelineStep = PipelineStep.instruction_dpo) -> dict[str, StepRef]:
+def build_data(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
     """Stages A and B on their own (stage A's finished steps come from the cache)."""
     with pipeline_run(cfg, "data") as run:
         a = stage_a(run)

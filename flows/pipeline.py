@@ -14,7 +14,7 @@ from autoif.store import StepRef
 
 
 @flow(name="autoif-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
-def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.instruction_dpo) -> dict[str, StepRef]:
+def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
     """Stage A (instructions, verifiers) then stage B (queries, responses, verification, training data);
     stage C joins as it lands. ``until`` stops after a step."""
     with pipeline_run(cfg, "pipeline") as run:
@@ -25,7 +25,7 @@ def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.instructi
         return refs
 
 
-def run_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.instruction_dpo) -> dict[str, StepRef]:
+def run_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
     """The pipeline flow on the task runner ``cfg.runtime`` names (threads, a Dask or a Ray cluster)."""
     return autoif_pipeline.with_options(task_runner=task_runner(cfg.runtime))(cfg, until=until)
 

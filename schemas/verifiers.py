@@ -73,6 +73,7 @@ class Consistent(BackTranslated):
     ``reason``: contradiction, judge_unparseable."""
 
     labels: Series[str] = pa.Field(nullable=True)
+    verifiability: Series[str] = pa.Field(nullable=True)  # JSON {"verifiable", "reason"} when judged
 
 
 class ReferenceAgreement(StepFrame):

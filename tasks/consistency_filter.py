@@ -46,8 +46,42 @@ def parse_judge_label(text: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+VERIFIABILITY_PROMPT = """Can the instruction below be checked by a Python function that sees only the text of a response? It cannot if checking it needs anything outside the text: a dictionary, a web page, facts about the world, the reader's intent, or a list the instruction leaves unspecified. Functions written to check it are shown; judge whether they really check the instruction.
+Instruction: {instruction}
+Functions:
+{funcs}
+Reply with one JSON object: {{"verifiable": true or false, "reason": "one sentence"}}"""
+
+VERIFIABILITY_JSON_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"verifiable": {"type": "boolean"}, "reason": {"type": "string"}},
+    "required": ["verifiable", "reason"],
+    "additionalProperties": False,
+}
+
 CONSISTENT_COLUMNS = ["instruction_id", "instruction", "family", "funcs", "func_accuracies", "cases", "back_translations",
-                      "labels", "reason"]
+                      "labels", "verifiability", "reason"]
+
+
+def verifiability_prompt(instruction: str, funcs: list[str]) -> str:
+    listing = "\n\n".join(f"```python\n{f}\n```" for f in funcs)
+    return VERIFIABILITY_PROMPT.format(instruction=instruction, funcs=listing)
+
+
+def parse_verifiability(text: str | None) -> tuple[bool | None, str]:
+    """(verifiable, reason) from ``{"verifiable": bool, "reason": str}``; None when unclear."""
+    if not isinstance(text, str):
+        return None, ""
+    blob, _ = extract_json_text(text)
+    if blob is None:
+        return None, text[:300]
+    try:
+        obj, _ = loads_repaired(blob)
+    except ValueError:
+        return None, text[:300]
+    if not isinstance(obj, dict) or not isinstance(obj.get("verifiable"), bool):
+        return None, text[:300]
+    return obj["verifiable"], str(obj.get("reason", ""))[:300]
 
 
 def consistency_metrics(df: pd.DataFrame) -> dict[str, float]:
@@ -92,10 +126,34 @@ def consistency_filter(batch: pd.DataFrame, llm: LLM, cfg: ConsistencyFilterConf
             reason = "contradiction"
         elif any(label is None for label in mine):
             reason = "judge_unparseable"
+        elif cfg.require_entailment and any(label != "entailment" for label in mine):
+            reason = "not_entailed"
         else:
             reason = None
         rows.append({"instruction_id": r.instruction_id, "instruction": r.instruction, "family": r.family,
                      "funcs": r.funcs, "func_accuracies": r.func_accuracies, "cases": r.cases,
                      "back_translations": r.back_translations,
-                     "labels": json.dumps(mine) if cfg.mode is not NLIMode.off else None, "reason": reason})
+                     "labels": json.dumps(mine) if cfg.mode is not NLIMode.off else None, "verifiability": None,
+                     "reason": reason})
+    if cfg.judge_verifiability:
+        _judge_verifiability(rows, llm, cfg, seed + batch_index)
     return pd.DataFrame(rows, columns=CONSISTENT_COLUMNS)
+
+
+def _judge_verifiability(rows: list[dict], llm: LLM, cfg: ConsistencyFilterConfig, seed: int) -> None:
+    """Ask the LLM, for each instruction still kept, whether its functions can check it from the text alone."""
+    todo = [r for r in rows if r["reason"] is None]
+    if not todo:
+        return
+    gen = generate_each(llm, [verifiability_prompt(r["instruction"], json.loads(r["funcs"])) for r in todo], n=1,
+                        temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=seed,
+                        json_schema=VERIFIABILITY_JSON_SCHEMA if cfg.use_json_schema else None)
+    for r, texts, error in zip(todo, gen.texts, gen.errors):
+        verdict, why = parse_verifiability(texts[0] if texts else None)
+        r["verifiability"] = json.dumps({"verifiable": verdict, "reason": why or error})
+        if texts is None:
+            r["reason"] = error
+        elif verdict is None:
+            r["reason"] = "judge_unparseable"
+        elif not verdict:
+            r["reason"] = "unverifiable"
