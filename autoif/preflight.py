@@ -13,7 +13,14 @@ import importlib.util
 import os
 from pathlib import Path
 
-from autoif.config import EngineConfig, EngineKind, NLIMode, PipelineStep, RunConfig, TaskRunnerKind
+from autoif.config import (
+    EngineConfig,
+    EngineKind,
+    NLIMode,
+    PipelineStep,
+    RunConfig,
+    TaskRunnerKind,
+)
 
 REACH_TIMEOUT_S = 1.0  # how long an OpenAI-compatible server gets to answer GET /models
 
@@ -28,6 +35,8 @@ def check(cfg: RunConfig, until: str | None = None) -> None:
     _seeds(cfg)
     if last >= PipelineStep.cross_validation.position:
         _probes(cfg)
+    if last >= PipelineStep.queries.position:
+        _queries(cfg)
     if last >= PipelineStep.consistency_filter.position and cfg.consistency_filter.mode is NLIMode.nli:
         _nli(cfg)
     check_engine(cfg.engine)
@@ -106,6 +115,22 @@ def _probes(cfg: RunConfig) -> None:
         raise PreflightError(f"cross_validation.probes_path: {e}") from e
     except OSError as e:
         raise PreflightError(f"cross_validation.probes_path: cannot read {path}: {e.strerror or e}") from e
+
+
+def _queries(cfg: RunConfig) -> None:
+    """The query source opens and its first rows parse (the whole of a large file is read by the step)."""
+    from autoif.tasks.queries import QueryFileError, load_queries, queries_path
+
+    head = cfg.queries.model_copy(update={"max_queries": min(cfg.queries.max_queries or 1000, 1000)})
+    try:
+        q = load_queries(head)
+    except QueryFileError as e:
+        raise PreflightError(f"queries.path: {e}") from e
+    except (OSError, ImportError, ValueError) as e:
+        raise PreflightError(f"queries.path: cannot read {queries_path(cfg.queries)}: {e}") from e
+    if q["reason"].notna().all():
+        raise PreflightError(f"queries.path: {queries_path(cfg.queries)}: no query within "
+                             f"{cfg.queries.min_chars} < len < {cfg.queries.max_chars} in its first rows")
 
 
 def _nli(cfg: RunConfig) -> None:

@@ -100,14 +100,14 @@ def main() -> None:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
     import pandas as pd
-    from prefect import flow
-
-    from autoif.config import TaskRunnerKind, load_config
     from autoif.flows import steps
-    from autoif.runtime import task_runner
-    from autoif.runtime.recording import pipeline_run
     from autoif.schemas.instructions import Instructions
     from autoif.schemas.verifiers import VerifierCandidates
+    from prefect import flow
+
+    from autoif.config import load_config
+    from autoif.runtime import task_runner
+    from autoif.runtime.recording import pipeline_run
     from autoif.store import Store
 
     base = {"store.root": str(work / "store"), "tracking.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -78,10 +77,11 @@ def autoif_reference(rows: list[dict], sandbox) -> list[dict]:
 
 def ours(rows: list[dict], cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Our verifier synthesis (scripted engine replaying the 8 completions) and cross-validation."""
-    from autoif.llm.scripted import ScriptedLLM
     from autoif.flows.steps import cross_validate, synthesize_verifiers
     from autoif.tasks.ids import instruction_id
     from autoif.tasks.verifier_synthesis import verifier_prompt
+
+    from autoif.llm.scripted import ScriptedLLM
 
     vcfg = cfg.verifier_synthesis.model_copy(update={"n_completions": max(len(r["gpt-answer"]) for r in rows)})
     llm = ScriptedLLM.from_prompts({verifier_prompt(r["instruction"], vcfg): r["gpt-answer"] for r in rows})
@@ -132,9 +132,10 @@ def table(rows: list[dict], ref: list[dict], candidates: pd.DataFrame, validated
 def judge_verifiability(validated: pd.DataFrame, base_url: str, model: str) -> pd.DataFrame:
     """The verifiability judge of the consistency filter (``consistency_filter.judge_verifiability``) on the
     instructions cross-validation kept, asked of a real OpenAI-compatible server."""
+    from autoif.tasks.consistency_filter import _judge_verifiability
+
     from autoif.config import load_config
     from autoif.llm import make_llm
-    from autoif.tasks.consistency_filter import _judge_verifiability
 
     cfg = load_config(preset="code", overrides={"engine.kind": "openai", "engine.base_url": base_url, "engine.model": model,
                                                 "consistency_filter.judge_verifiability": True,

@@ -108,6 +108,7 @@ def main() -> None:
     print(f"script: {n_total} instructions, {script_mb:.1f} MiB canned outputs, built in {t_script:.1f}s; RSS {rss_mb()[0]:.0f} MiB")
 
     from autoif.flows.instructions import build_instructions
+
     from autoif.store import Store
 
     t1 = time.perf_counter()

@@ -301,9 +301,10 @@ def our_score_filter(rows: list[dict], cfg) -> pd.DataFrame:
     """The judged rows as verified responses (they passed AutoIF's verification), scored by our step with the
     file's judge outputs as the engine's answers."""
     from autoif.flows.steps import score_responses
-    from autoif.llm.scripted import ScriptedLLM
     from autoif.tasks.quality_filter import score_prompt
     from autoif.tasks.verification import VERIFIED_COLUMNS
+
+    from autoif.llm.scripted import ScriptedLLM
 
     frame = response_frame([(r["instruction"], r["query"], [], [r["response"]]) for r in rows])
     frame = frame.assign(pass_rate=1.0, n_funcs=0, n_passed=0, n_errors=0, n_timeouts=0, func_results="[]")[VERIFIED_COLUMNS]
@@ -492,8 +493,9 @@ def replay(root: Path = SAMPLE_DIR) -> Replay:
 
 def score_probe_rows() -> list[dict]:
     """Each judge-output probe: AutoIF's score and decision next to our parse_score and both thresholds."""
-    from autoif.config import load_config
     from autoif.tasks.quality_filter import parse_score
+
+    from autoif.config import load_config
 
     cfgs = {p: load_config(preset=p) for p in PRESETS}
     rows = []

@@ -129,16 +129,15 @@ def make_queries(rng: random.Random, n: int) -> list[str]:
 
 def build_inputs(cfg, n_inst: int, k: int, work: Path) -> dict:
     """Seed file, query file and the scripted engine's file for n_inst instructions x 20 queries x k responses."""
+    import pandas as pd
     from autoif.tasks.back_translation import back_translation_prompt
     from autoif.tasks.consistency_filter import JUDGE_PROMPT
     from autoif.tasks.quality_filter import score_prompt
-    from autoif.tasks.query_augmentation import pair_queries, response_prompt
     from autoif.tasks.queries import load_queries
-    from autoif.tasks.self_instruct import SELF_INSTRUCT_PROMPT
+    from autoif.tasks.query_augmentation import pair_queries, response_prompt
     from autoif.tasks.seeds import read_seeds
+    from autoif.tasks.self_instruct import SELF_INSTRUCT_PROMPT
     from autoif.tasks.verifier_synthesis import verifier_prompt
-
-    import pandas as pd
 
     rng = random.Random(0)
     vocab = words(rng, 3000)
@@ -325,8 +324,9 @@ class StepClock(logging.Handler):
 def raw_sandbox_same_calls(store, ref, batch_size: int) -> tuple[int, float]:
     """The verification step's calls (its responses, its functions, its pairs, its batches) straight to
     ``Sandbox().run``, one batch after the other; returns (calls, seconds inside run)."""
-    from autoif.sandbox import Sandbox
     from autoif.tasks.batching import row_batches
+
+    from autoif.sandbox import Sandbox
 
     calls, seconds = 0, 0.0
     frames = (f[["response", "funcs", "func_ids"]] for f in store.iter_step(ref))
@@ -411,6 +411,7 @@ def main() -> None:
         hwm_reset = False
 
     from autoif.flows.data import build_data
+
     from autoif.sandbox import close_shared_sandbox
     from autoif.store import Store
 

@@ -1,14 +1,14 @@
 """Stage B: queries, responses, verification, quality filter and the training data (AutoIF steps 5-8)."""
 from __future__ import annotations
 
+from autoif.flows import steps
+from autoif.flows.instructions import stage_a
+from autoif.tasks.exports import card_facts
 from prefect import flow
 
 from autoif.config import PipelineStep, RunConfig
-from autoif.flows import steps
-from autoif.flows.instructions import stage_a
 from autoif.runtime.recording import PipelineRun, pipeline_run
 from autoif.store import StepRef
-from autoif.tasks.exports import card_facts
 
 
 def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from autoif.flows.steps import EvaluationSteps
+from autoif.tasks.evaluate import EvalSpec, metrics_of, model_label, tables_of
 from prefect import flow
 
 from autoif.config import EngineConfig, RunConfig
 from autoif.evaluation.data import Benchmark
-from autoif.flows.steps import EvaluationSteps
 from autoif.runtime.recording import pipeline_run, publish_evaluation
-from autoif.tasks.evaluate import EvalSpec, metrics_of, model_label, tables_of
 
 
 @flow(name="autoif-evaluate", flow_run_name="{cfg.run_name}-eval-{benchmark}", log_prints=True)

@@ -1,10 +1,10 @@
 """Stage A: instructions and verification functions (AutoIF steps 1-4)."""
 from __future__ import annotations
 
+from autoif.flows import steps
 from prefect import flow
 
 from autoif.config import PipelineStep, RunConfig
-from autoif.flows import steps
 from autoif.runtime.recording import PipelineRun, log_survival, pipeline_run
 from autoif.store import StepRef
 

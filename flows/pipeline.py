@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+from autoif.flows.data import stage_b
+from autoif.flows.instructions import stage_a
 from prefect import flow
 
 from autoif.config import PipelineStep, RunConfig, load_config
-from autoif.flows.data import stage_b
-from autoif.flows.instructions import stage_a
 from autoif.runtime import task_runner
 from autoif.runtime.recording import log_training_data_cost, pipeline_run
 from autoif.store import StepRef

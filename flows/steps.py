@@ -6,8 +6,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from autoif.runtime import Step, StepSpec
-from autoif.schemas.evaluation import EvalPrompts, EvalResponses, FollowBenchScores, InstructionScores
+from autoif.schemas.evaluation import (
+    EvalPrompts,
+    EvalResponses,
+    FollowBenchScores,
+    InstructionScores,
+)
+from autoif.schemas.exports import TRLDPO, TRLSFT, HFIndex, LlamaFactoryRows
 from autoif.schemas.instructions import Instructions, Seeds
 from autoif.schemas.stage_b import (
     Decontaminated,
@@ -20,16 +25,23 @@ from autoif.schemas.stage_b import (
     StageBInstructions,
     Verified,
 )
-from autoif.schemas.verifiers import BackTranslated, Consistent, CrossValidated, ReferenceAgreement, VerifierCandidates
+from autoif.schemas.verifiers import (
+    BackTranslated,
+    Consistent,
+    CrossValidated,
+    ReferenceAgreement,
+    VerifierCandidates,
+)
 from autoif.tasks import back_translation as bt
 from autoif.tasks import consistency_filter as cf
-from autoif.tasks import cross_validation as cv
 from autoif.tasks import contamination as ct
+from autoif.tasks import cross_validation as cv
 from autoif.tasks import evaluate as ev
+from autoif.tasks import exports as ex
 from autoif.tasks import quality_filter as qf
-from autoif.tasks import reference_agreement as ra
 from autoif.tasks import queries as qs
 from autoif.tasks import query_augmentation as qa
+from autoif.tasks import reference_agreement as ra
 from autoif.tasks import response_generation as rg
 from autoif.tasks import seeds as sd
 from autoif.tasks import self_instruct as si
@@ -38,6 +50,8 @@ from autoif.tasks import training_data as td
 from autoif.tasks import verification as vf
 from autoif.tasks import verifier_synthesis as vs
 from autoif.tasks.metrics import family_counts
+
+from autoif.runtime import Step, StepSpec
 
 
 def _seeds_digest(cfg) -> str:
@@ -126,7 +140,7 @@ class EvaluationSteps:
                                      params={"benchmark": spec.benchmark, "limit": spec.limit},
                                      key_extra=partial(ev.prompts_key, spec)))
         if spec.responses_path is not None:
-            self.responses = Step(StepSpec(f"{b}_responses", ev.responses_from_file, schema=EvalResponses,
+            self.responses = Step(StepSpec(f"{b}_responses", ev.responses_from_file, schema=EvalResponses, config="eval",
                                            params={"path": spec.responses_path},
                                            key_extra=partial(ev.responses_key, spec)))
         else:
@@ -141,8 +155,6 @@ class EvaluationSteps:
 
 # --- exports: the training data as TRL, LLaMA-Factory and Hugging Face datasets read it -------------------
 
-from autoif.schemas.exports import TRLDPO, TRLSFT, HFIndex, LlamaFactoryRows  # noqa: E402
-from autoif.tasks import exports as ex  # noqa: E402
 
 export_trl_sft = Step(StepSpec("export_trl_sft", ex.trl_sft, schema=TRLSFT))
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pandera.pandas as pa
-from pandera.typing import Series
-
 from autoif.schemas.base import StepFrame
+from pandera.typing import Series
 
 
 class EvalPrompts(StepFrame):

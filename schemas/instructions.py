@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pandera.pandas as pa
-from pandera.typing import Series
-
 from autoif.schemas.base import StepFrame
+from pandera.typing import Series
 
 
 class Seeds(StepFrame):

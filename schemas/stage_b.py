@@ -3,9 +3,8 @@ decontaminated responses, SFT rows and DPO pairs. List-valued columns are JSON s
 from __future__ import annotations
 
 import pandera.pandas as pa
-from pandera.typing import Series
-
 from autoif.schemas.base import StepFrame
+from pandera.typing import Series
 
 
 class StageBInstructions(StepFrame):

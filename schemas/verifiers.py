@@ -6,9 +6,8 @@ the Parquet files read anywhere without nested types.
 from __future__ import annotations
 
 import pandera.pandas as pa
-from pandera.typing import Series
-
 from autoif.schemas.base import StepFrame
+from pandera.typing import Series
 
 
 class VerifierCandidates(StepFrame):

@@ -6,11 +6,11 @@ import json
 from typing import Iterable, Iterator
 
 import pandas as pd
+from autoif.tasks.batching import empty_frame, group_batches
+from autoif.tasks.json_repair import FENCE, loads_repaired
 
 from autoif.config import BackTranslationConfig
 from autoif.llm import LLM, generate_each
-from autoif.tasks.batching import empty_frame, group_batches
-from autoif.tasks.json_repair import FENCE, loads_repaired
 
 BACK_TRANSLATION_PROMPT = """Below are Python functions that each check whether a response follows some instruction. For each function, write the instruction it checks, as one plain English sentence addressed to the writer of the response. Describe exactly what the code checks, nothing more.
 Example: for "def evaluate(response):\\n    return response == response.lower()" the instruction is "Write your whole answer in lowercase letters."

@@ -8,12 +8,12 @@ import re
 from typing import Iterable, Iterator
 
 import pandas as pd
+from autoif.tasks.batching import empty_frame, group_batches
+from autoif.tasks.json_repair import json_object
+from autoif.tasks.metrics import family_counts
 
 from autoif.config import ConsistencyFilterConfig, NLIMode
 from autoif.llm import LLM, generate_each
-from autoif.tasks.batching import empty_frame, group_batches
-from autoif.tasks.json_repair import extract_json_text, loads_repaired
-from autoif.tasks.metrics import family_counts
 
 JUDGE_PROMPT = """Do these two instructions ask for compatible things? The first is the original instruction; the second was written from code that checks responses to it.
 Original: {premise}
@@ -34,14 +34,9 @@ def parse_judge_label(text: str) -> str | None:
     """The judge's label: from ``{"label": ...}``, else a lone label word in the reply; None if unclear."""
     if not isinstance(text, str):
         return None
-    blob, _ = extract_json_text(text)
-    if blob is not None:
-        try:
-            obj, _ = loads_repaired(blob)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("label"), str) and obj["label"].strip().lower() in JUDGE_LABELS:
-            return obj["label"].strip().lower()
+    obj = json_object(text)
+    if obj is not None and isinstance(obj.get("label"), str) and obj["label"].strip().lower() in JUDGE_LABELS:
+        return obj["label"].strip().lower()
     found = {w for w in re.findall(r"[a-z]+", text.lower()) if w in JUDGE_LABELS}
     return found.pop() if len(found) == 1 else None
 
@@ -72,14 +67,8 @@ def parse_verifiability(text: str | None) -> tuple[bool | None, str]:
     """(verifiable, reason) from ``{"verifiable": bool, "reason": str}``; None when unclear."""
     if not isinstance(text, str):
         return None, ""
-    blob, _ = extract_json_text(text)
-    if blob is None:
-        return None, text[:300]
-    try:
-        obj, _ = loads_repaired(blob)
-    except ValueError:
-        return None, text[:300]
-    if not isinstance(obj, dict) or not isinstance(obj.get("verifiable"), bool):
+    obj = json_object(text)
+    if obj is None or not isinstance(obj.get("verifiable"), bool):
         return None, text[:300]
     return obj["verifiable"], str(obj.get("reason", ""))[:300]
 

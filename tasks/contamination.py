@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 
 import pandas as pd
+from autoif.tasks.quality_filter import SCORED_COLUMNS
 
 from autoif.config import ContaminationConfig
 from autoif.evaluation.contamination import benchmark_ngrams, ngrams
 from autoif.evaluation.data import Benchmark, default_prompts_path, load_prompts
-from autoif.tasks.quality_filter import SCORED_COLUMNS
 
 CHECKED = ("query", "response", "instruction")
 

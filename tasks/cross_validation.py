@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pandas as pd
+from autoif.tasks.batching import empty_frame, group_batches
+from autoif.tasks.metrics import family_counts, histogram, means
 
 from autoif.config import CrossValidationConfig
 from autoif.jsonl import iter_jsonl
-from autoif.tasks.batching import empty_frame, group_batches
-from autoif.tasks.metrics import family_counts, histogram, means
 
 
 def probes_path(cfg: CrossValidationConfig) -> Path:

@@ -16,13 +16,20 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pandas as pd
+from autoif.tasks.batching import empty_frame, row_batches
 
 from autoif.config import EngineConfig, EvalConfig
 from autoif.evaluation import followbench as fb
 from autoif.evaluation import verifiable
-from autoif.evaluation.data import Benchmark, EvalDataError, default_prompts_path, load_prompts, load_responses
+from autoif.evaluation.data import (
+    Benchmark,
+    EvalDataError,
+    default_prompts_path,
+    load_prompts,
+    load_responses,
+)
 from autoif.llm import generate_each
-from autoif.tasks.batching import empty_frame, row_batches
+
 
 @dataclass(frozen=True)
 class EvalSpec:

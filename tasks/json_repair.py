@@ -51,3 +51,17 @@ def loads_repaired(blob: str) -> tuple[Any, list[str]]:
             continue
     raise ValueError("not JSON, even after repairs")
 
+
+
+def json_object(text: str | None) -> dict | None:
+    """The JSON object in a completion (fenced or not, repaired), or None when there is none."""
+    if not isinstance(text, str):
+        return None
+    blob, _ = extract_json_text(text)
+    if blob is None:
+        return None
+    try:
+        obj, _ = loads_repaired(blob)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -8,13 +8,13 @@ import re
 from typing import Iterable, Iterator
 
 import pandas as pd
+from autoif.tasks.batching import empty_frame, row_batches
+from autoif.tasks.json_repair import json_object
+from autoif.tasks.metrics import histogram, means
+from autoif.tasks.verification import VERIFIED_COLUMNS
 
 from autoif.config import QualityFilterConfig
 from autoif.llm import LLM, generate_each
-from autoif.tasks.batching import empty_frame, row_batches
-from autoif.tasks.json_repair import extract_json_text, loads_repaired
-from autoif.tasks.metrics import histogram, means
-from autoif.tasks.verification import VERIFIED_COLUMNS
 
 # AutoIF's prompt (sample data query_rft_score.jsonl)
 SCORE_PROMPT = """You are an expert that is good at judging whether a response is following the instruction and query.
@@ -26,9 +26,9 @@ You need to judge whether the response answers the query. Please first provide a
 Scoring 0 means the response is totally unrelated to the query, while scoring 10 means the response is helpful and highly related to the query.
 Please only provide a score in the format `Score: {{score}}` without any other contents at the last line."""
 
-SCORE_JSON_SCHEMA: dict = {
+SCORE_JSON_SCHEMA: dict = {  # the analysis first (the judge reasons, then scores), bounded so the score fits
     "type": "object",
-    "properties": {"analysis": {"type": "string"}, "score": {"type": "integer", "minimum": 0, "maximum": 10}},
+    "properties": {"analysis": {"type": "string", "maxLength": 600}, "score": {"type": "integer", "enum": list(range(11))}},
     "required": ["analysis", "score"],
     "additionalProperties": False,
 }
@@ -50,21 +50,16 @@ def parse_score(text: str | None) -> tuple[float | None, str | None, str]:
     m = _SCORE_LINE.search(lines[-1]) if lines else None
     if m is not None:  # an explicit last line wins over JSON the analysis may quote
         return _ranged(float(m.group(1)), "\n".join(lines[:-1]))
-    blob, _ = extract_json_text(text)
-    if blob is not None:
+    obj = json_object(text)
+    if obj is not None and "score" in obj:  # the constrained answer {"analysis", "score"}
+        value = obj["score"]
+        analysis = obj.get("analysis") if isinstance(obj.get("analysis"), str) else ""
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return None, "missing_score", analysis
         try:
-            obj, _ = loads_repaired(blob)
+            return _ranged(float(value), analysis)
         except ValueError:
-            obj = None
-        if isinstance(obj, dict) and "score" in obj:
-            value = obj["score"]
-            analysis = obj.get("analysis") if isinstance(obj.get("analysis"), str) else ""
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                return None, "missing_score", analysis
-            try:
-                return _ranged(float(value), analysis)
-            except ValueError:
-                return None, "missing_score", analysis
+            return None, "missing_score", analysis
     found = _SCORE_LINE.findall(text)
     if not found:
         return None, "missing_score", text

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
+from autoif.tasks.ids import normalise
 
 from autoif.config import QueriesConfig, QuerySourceFormat
 from autoif.jsonl import iter_jsonl
-from autoif.tasks.ids import normalise
 
 QUERY_COLUMNS = ["query_id", "query", "category", "source", "reason"]
 _HUMAN = {"human", "user"}

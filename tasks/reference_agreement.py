@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-
-from autoif.config import CrossValidationConfig
 from autoif.tasks.cross_validation import probes_path, read_probes
 from autoif.tasks.metrics import histogram
+
+from autoif.config import CrossValidationConfig
 
 AGREEMENT_COLUMNS = ["instruction_id", "instruction", "family", "completion", "func_key", "agreement", "n_inputs",
                      "reference_errors", "reason"]

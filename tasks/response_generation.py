@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import pandas as pd
+from autoif.tasks.batching import empty_frame, row_batches
+from autoif.tasks.query_augmentation import PAIR_COLUMNS
 
 from autoif.config import ResponseGenerationConfig
 from autoif.llm import LLM, generate_each
-from autoif.tasks.batching import empty_frame, row_batches
-from autoif.tasks.query_augmentation import PAIR_COLUMNS
 
 RESPONSE_COLUMNS = ["response_id", "response_index", *[c for c in PAIR_COLUMNS if c != "reason"], "response", "reason"]
 

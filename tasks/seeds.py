@@ -8,10 +8,10 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+from autoif.tasks.ids import instruction_id
 
 from autoif.config import SelfInstructConfig
 from autoif.jsonl import iter_jsonl
-from autoif.tasks.ids import instruction_id
 
 
 class SeedFileError(ValueError):

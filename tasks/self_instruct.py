@@ -7,10 +7,10 @@ import re
 
 import numpy as np
 import pandas as pd
+from autoif.tasks.ids import instruction_id
 
 from autoif.config import SelfInstructConfig
 from autoif.llm import LLM
-from autoif.tasks.ids import instruction_id
 
 SELF_INSTRUCT_PROMPT = """You are an expert for writing instructions. Please provide 50 different instructions that meet the following requirements:
 - Instructions are about the format but not style of a response

@@ -7,11 +7,11 @@ import json
 from typing import Iterable, Iterator
 
 import pandas as pd
-
-from autoif.config import VerificationConfig
 from autoif.tasks.batching import empty_frame, row_batches
 from autoif.tasks.metrics import histogram, means
 from autoif.tasks.response_generation import RESPONSE_COLUMNS
+
+from autoif.config import VerificationConfig
 
 VERIFIED_COLUMNS = [*[c for c in RESPONSE_COLUMNS if c != "reason"], "pass_rate", "n_funcs", "n_passed", "n_errors",
                     "n_timeouts", "func_results", "reason"]

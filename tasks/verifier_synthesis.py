@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import pandas as pd
-
-from autoif.config import VerifierSynthesisConfig
-from autoif.llm import LLM, generate_each
 from autoif.tasks.batching import empty_frame, row_batches
 from autoif.tasks.json_repair import FENCE, extract_json_text, loads_repaired
 from autoif.tasks.metrics import count_values
+
+from autoif.config import VerifierSynthesisConfig
+from autoif.llm import LLM, generate_each
 
 VERIFIER_PROMPT = """You write Python functions that check whether a response follows an instruction.
 Instruction: {instruction}

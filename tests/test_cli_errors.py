@@ -153,10 +153,11 @@ def test_eval_checks_the_engine_only_when_it_answers(cfg_with, tmp_path):
 
 
 def test_exit_codes_and_messages():
+    from autoif.tasks.seeds import SeedFileError
+
     from autoif.cli import error_message, exit_code
     from autoif.llm.errors import LLMSetupError, MissingScriptError
     from autoif.runtime.orchestration import StepFailed
-    from autoif.tasks.seeds import SeedFileError
 
     missing = StepFailed("self_instruct", MissingScriptError("s.jsonl: no canned output"))
     assert exit_code(missing) == 1
@@ -259,3 +260,17 @@ def test_debug_shows_the_traceback(prefect_harness, tmp_path, monkeypatch):
     assert res.exit_code == 1 and "Traceback" not in res.stderr, res.stderr
     assert {k: os.environ.get(k) for k in env} == env  # the quiet-logging settings did not outlive the command
     assert {n: list(logging.getLogger(n).handlers) for n in before} == before
+
+
+def test_preflight_names_a_bad_query_row(tmp_path):
+    from autoif.config import load_config
+
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"query": "a perfectly fine question about gardens"}\n{"text": "no query field"}\n')
+    script = tmp_path / "s.jsonl"
+    script.write_text('{"prompt": "x", "outputs": ["y"]}\n')
+    cfg = load_config(overrides={"queries.path": str(bad), "engine.kind": "scripted",
+                                 "engine.scripted_path": str(script)})
+    with pytest.raises(PreflightError, match=r"queries\.path: .*q\.jsonl:2: field 'query' must be a string"):
+        check(cfg)
+    check(cfg, until="consistency_filter")  # a run that stops in stage A does not read queries

@@ -121,8 +121,9 @@ GOOD = '```json\n{"func": "def evaluate(response):\\n    return len(response) > 
 
 
 def test_run_prints_a_line_per_batch_and_the_funnel(harness_env, tmp_path):  # noqa: F811  (the fixture)
-    from autoif.config import load_config
     from autoif.tasks.verifier_synthesis import verifier_prompt
+
+    from autoif.config import load_config
 
     seeds = seeds_file(tmp_path)  # three seeds; self-instruct adds one: four instructions, two per batch
     new = "Write exactly three sentences in your answer."

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from autoif.flows.evaluate import evaluate
 from mlflow import MlflowClient
 
 from autoif.evaluation import data as evdata
 from autoif.evaluation import followbench as fb
 from autoif.evaluation import verifiable
-from autoif.flows.evaluate import evaluate
 from tests.test_eval_scoring import FOLLOWBENCH_FIXTURE, varied_response
 
 LIMIT = 25
@@ -125,9 +125,10 @@ def test_followbench_flow_with_judge(prefect_harness, make_cfg):
 
 
 def test_generation_failures_are_kept_as_dropped_rows():
+    from autoif.tasks.evaluate import answer_batch
+
     from autoif.config import EvalConfig
     from autoif.llm import LLMContextOverflowError
-    from autoif.tasks.evaluate import answer_batch
 
     class Engine:  # rejects one prompt, as a server rejects a prompt longer than its context
         def generate(self, prompts, n=1, temperature=0.0, max_tokens=512, seed=None, json_schema=None):

@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from autoif.flows.data import build_data
+from autoif.tasks import exports as ex
 from mlflow import MlflowClient
 
 from autoif.config import load_config
-from autoif.flows.data import build_data
 from autoif.store import FILES_ATTR, MANIFEST, Store
-from autoif.tasks import exports as ex
 from tests.conftest import write_script
 from tests.test_stage_a_flow import LOWER, OVERRIDES
 from tests.test_stage_b_flow import Q1, Q2, Q3, Q4, RESPONSES, stage_b_script

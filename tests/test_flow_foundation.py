@@ -2,12 +2,12 @@
 import json
 
 import pyarrow.parquet as pq
-from mlflow import MlflowClient
-
 from autoif.flows.instructions import build_instructions
-from autoif.store import Store
 from autoif.tasks.seeds import read_seeds, seeds_path
 from autoif.tasks.self_instruct import SELF_INSTRUCT_PROMPT, parse_instruction_lines
+from mlflow import MlflowClient
+
+from autoif.store import Store
 
 CANNED = [
     "Sure! Here are some:\n- Answer with exactly 7 words.\n- answer in all lowercase letters,  with no capital letters at all.\n- x",
@@ -84,9 +84,10 @@ def test_prefect_artifacts_show_the_funnel(prefect_harness, make_cfg):
 
 
 def test_max_instructions_drops_the_rest_as_over_limit():
+    from autoif.flows.steps import self_instruct
+
     from autoif.config import load_config
     from autoif.llm.scripted import ScriptedLLM
-    from autoif.flows.steps import self_instruct
 
     cfg = load_config(overrides={"self_instruct.n_calls": 3, "self_instruct.max_instructions": 41})
     seeds = read_seeds(seeds_path(cfg.self_instruct))

@@ -8,7 +8,13 @@ import jsonschema
 import pytest
 
 from autoif.config import EngineConfig, EngineKind
-from autoif.llm import LLM, LLMContextOverflowError, LLMSetupError, generate_each, make_llm
+from autoif.llm import (
+    LLM,
+    LLMContextOverflowError,
+    LLMSetupError,
+    generate_each,
+    make_llm,
+)
 from autoif.llm.llamacpp import LlamaCppLLM, default_gguf_path
 
 pytestmark = pytest.mark.slow

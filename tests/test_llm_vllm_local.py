@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autoif.llm import LLMContextOverflowError, LLMError, LLMRefusedError, LLMSetupError, generate_each, usage_scope
+from autoif.llm import (
+    LLMContextOverflowError,
+    LLMError,
+    LLMRefusedError,
+    LLMSetupError,
+    generate_each,
+    usage_scope,
+)
 from autoif.llm.vllm_local import VLLMLocalLLM
 
 MAX_MODEL_LEN = 40  # "tokens" are characters here

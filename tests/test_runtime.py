@@ -7,12 +7,12 @@ import pkgutil
 import subprocess
 import sys
 
+import autoif.tasks
 import pandas as pd
 import pytest
+from autoif.flows.instructions import build_instructions
 from mlflow import MlflowClient
 
-import autoif.tasks
-from autoif.flows.instructions import build_instructions
 from autoif.store import Store
 from tests.test_stage_a_flow import OVERRIDES, script
 
@@ -56,11 +56,18 @@ def test_changed_back_translation_prompt_recomputes_it_and_what_follows_not_synt
                                                                                        monkeypatch):
     """Editing the back-translation prompt (its module's source and behaviour) changes the keys of
     back-translation and the consistency filter; verifier synthesis and cross-validation are reused."""
-    from autoif.runtime import spec as spec_mod
     from autoif.tasks import back_translation as bt
-    from tests.test_stage_a_flow import JUDGE_PROMPT
 
-    from tests.test_stage_a_flow import APPLE, CHERRY, LOWER, LOWER_FUNCS, MANGO, word_funcs
+    from autoif.runtime import spec as spec_mod
+    from tests.test_stage_a_flow import (
+        APPLE,
+        CHERRY,
+        JUDGE_PROMPT,
+        LOWER,
+        LOWER_FUNCS,
+        MANGO,
+        word_funcs,
+    )
 
     old, new = "one plain English sentence", "one short English sentence"
     new_prompt = bt.BACK_TRANSLATION_PROMPT.replace(old, new)
@@ -108,10 +115,11 @@ def test_parallel_batches_write_the_same_outputs_as_sequential(prefect_harness, 
 
 def test_finished_parts_are_not_computed_again(tmp_path):
     """A batch whose part is on the store (finished before a crash) is answered from it: no LLM call."""
-    from autoif.config import load_config
     from autoif.flows import steps
-    from autoif.runtime.execute import run_batch
     from autoif.tasks.verifier_synthesis import verifier_prompt
+
+    from autoif.config import load_config
+    from autoif.runtime.execute import run_batch
     from tests.conftest import write_script
 
     cfg = load_config(overrides={"store.root": str(tmp_path / "store"), "engine.kind": "scripted",
@@ -133,8 +141,9 @@ def test_stage_a_on_a_local_dask_cluster_equals_the_thread_runner(prefect_harnes
     funnel as the default thread runner; the batch task runs ran in the workers' processes."""
     import os
 
-    from autoif.config import TaskRunnerKind
     from autoif.flows.pipeline import run_pipeline
+
+    from autoif.config import TaskRunnerKind
 
     threads = _stage_a_cfg(make_cfg, run_name="dask")
     a = run_pipeline(threads, until="consistency_filter")

@@ -12,11 +12,18 @@ import warnings
 
 import pytest
 
-from tests.conftest import descendants
-
-from autoif.sandbox import CallResult, Isolation, Outcome, Sandbox, SandboxError, shared_sandbox
-from autoif.sandbox import core, isolation
+from autoif.sandbox import (
+    CallResult,
+    Isolation,
+    Outcome,
+    Sandbox,
+    SandboxError,
+    core,
+    isolation,
+    shared_sandbox,
+)
 from autoif.sandbox.execution import normalise
+from tests.conftest import descendants
 
 SECURE = bool(isolation.which_bwrap() and isolation.pyseccomp_available() and os.getuid() == 0)
 secure_only = pytest.mark.skipif(not SECURE, reason="needs bubblewrap + pyseccomp as root")

@@ -14,13 +14,16 @@ import time
 import uuid
 
 import pytest
-
-from tests.conftest import descendants
+from redteam.corpus import (  # tests/ is on sys.path (rootdir import mode)
+    PROBES,
+    TAMPER,
+    Ctx,
+    cases,
+)
 
 from autoif.sandbox import Isolation, Outcome, Sandbox
 from autoif.sandbox.isolation import pyseccomp_available, which_bwrap
-
-from redteam.corpus import PROBES, TAMPER, Ctx, cases  # tests/ is on sys.path (rootdir import mode)
+from tests.conftest import descendants
 
 pytestmark = pytest.mark.skipif(
     not (which_bwrap() and pyseccomp_available() and os.getuid() == 0),

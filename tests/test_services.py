@@ -58,10 +58,10 @@ def test_failed_task_retry_on_prefect_server_with_s3_and_mlflow_server(tmp_path,
     r = subprocess.run([str(BIN / "autoif"), "run", "--config", str(conf), "--until", "self_instruct"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no canned output" in r.stderr + r.stdout
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     import asyncio
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):

@@ -66,9 +66,10 @@ def _canned_consistency(validated, cfg, verifiable_answer):
     """Back-translate and judge stage A's 4 survivors with canned answers: every back-translation says what
     the instruction says (entailment); the verifiability judge answers ``verifiable_answer(instruction)``."""
     from autoif.flows.steps import back_translate, consistency_filter
-    from autoif.llm.scripted import ScriptedLLM
     from autoif.tasks.back_translation import back_translation_prompt
     from autoif.tasks.consistency_filter import JUDGE_PROMPT, verifiability_prompt
+
+    from autoif.llm.scripted import ScriptedLLM
 
     kept = validated[validated["reason"].isna()]
     script = {}

@@ -8,15 +8,15 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from mlflow import MlflowClient
-
 from autoif.flows.instructions import build_instructions
-from autoif.store import Store
 from autoif.tasks.back_translation import back_translation_prompt
 from autoif.tasks.consistency_filter import JUDGE_PROMPT
 from autoif.tasks.seeds import read_seeds
 from autoif.tasks.self_instruct import SELF_INSTRUCT_PROMPT
 from autoif.tasks.verifier_synthesis import verifier_prompt
+from mlflow import MlflowClient
+
+from autoif.store import Store
 
 DATA = Path(__file__).parent / "data" / "stage_a"
 SEEDS = DATA / "seeds.jsonl"

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from autoif.flows.instructions import build_instructions
+
 from autoif.store import Store
 from tests.conftest import free_port
 

@@ -3,14 +3,14 @@ import json
 
 import pandas as pd
 import pytest
-
-from autoif.config import load_config
 from autoif.flows.steps import consistency_filter
 from autoif.tasks.back_translation import parse_back_translation
-from autoif.tasks.batching import group_batches, row_batches
+from autoif.tasks.batching import group_batches
 from autoif.tasks.consistency_filter import parse_judge_label
 from autoif.tasks.self_instruct import NearDuplicateIndex, parse_instruction_lines
 from autoif.tasks.verifier_synthesis import normalise_label, parse_verifier
+
+from autoif.config import load_config
 
 CFG = load_config(preset="code", overrides={"verifier_synthesis.max_func_chars": 200, "verifier_synthesis.max_case_chars": 20})
 VCFG = CFG.verifier_synthesis

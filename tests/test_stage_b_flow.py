@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
+from autoif.flows.data import build_data
+from autoif.tasks.quality_filter import score_prompt
+from autoif.tasks.query_augmentation import response_prompt
 from mlflow import MlflowClient
 
 from autoif.evaluation.data import Benchmark, default_prompts_path, load_prompts
-from autoif.flows.data import build_data
 from autoif.store import Store
-from autoif.tasks.quality_filter import score_prompt
-from autoif.tasks.query_augmentation import response_prompt
 from tests.test_stage_a_flow import LOWER, OVERRIDES, script
 
 Q1, Q2 = "How do I keep basil alive on a windowsill?", "What is a good way to start learning chess?"

@@ -13,10 +13,10 @@ import json
 
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
-
 from autoif.flows import steps
 from autoif.flows.data import build_data
+from mlflow import MlflowClient
+
 from autoif.runtime import Step
 from autoif.sandbox import Outcome
 from autoif.store import Store

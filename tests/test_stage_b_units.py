@@ -6,12 +6,12 @@ import json
 
 import pandas as pd
 import pytest
-
-from autoif.config import load_config
 from autoif.flows.steps import reference_agreement
 from autoif.tasks.quality_filter import parse_score
 from autoif.tasks.queries import QueryFileError, load_queries
 from autoif.tasks.query_augmentation import pair_queries
+
+from autoif.config import load_config
 
 CFG = load_config()
 GOOD = ["How do I keep basil alive indoors?", "What is the capital of Australia?", "Explain recursion to a child."]

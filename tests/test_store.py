@@ -6,9 +6,9 @@ import sys
 import pandas as pd
 import pandera.pandas as pa
 import pytest
+from autoif.schemas.base import StepFrame
 from pandera.typing import Series
 
-from autoif.schemas.base import StepFrame
 from autoif.store import StepNotFoundError, StepRef, StepValidationError, Store
 
 

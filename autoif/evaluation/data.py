@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from autoif.evaluation.reference import (
+    IFBENCH_DIST,
+    IFEVAL_DIST,
+    ifeval_dir,
+    package_dir,
+)
 from autoif.jsonl import iter_jsonl
-from autoif.evaluation.reference import IFBENCH_DIST, IFEVAL_DIST, ifeval_dir, package_dir
 
 
 class Benchmark(str, Enum):

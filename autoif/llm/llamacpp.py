@@ -24,7 +24,13 @@ from typing import Any, Sequence
 
 from autoif.config import EngineConfig
 from autoif.llm import Usage, count
-from autoif.llm.errors import LLMContextOverflowError, LLMError, LLMRequestError, LLMSetupError, is_context_overflow
+from autoif.llm.errors import (
+    LLMContextOverflowError,
+    LLMError,
+    LLMRequestError,
+    LLMSetupError,
+    is_context_overflow,
+)
 
 DEFAULT_GGUF_NAME = "gemma3-270m-q4_k_m.gguf"
 

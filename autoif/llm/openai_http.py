@@ -22,7 +22,6 @@ from autoif.config import EngineConfig, JsonFormat
 from autoif.llm import Usage, count
 from autoif.llm.errors import (  # LLMError, LLMResponseError, LLMTransientError: importable from here too (old home)
     DETAIL_CHARS,
-    LLMError,
     LLMRequestError,
     LLMResponseError,
     LLMSetupError,

@@ -20,7 +20,14 @@ from typing import Any, Sequence
 
 from autoif.config import EngineConfig
 from autoif.llm import Usage, count
-from autoif.llm.errors import DETAIL_CHARS, LLMContextOverflowError, LLMError, LLMRefusedError, LLMSetupError, is_context_overflow
+from autoif.llm.errors import (
+    DETAIL_CHARS,
+    LLMContextOverflowError,
+    LLMError,
+    LLMRefusedError,
+    LLMSetupError,
+    is_context_overflow,
+)
 
 
 class VLLMLocalLLM:

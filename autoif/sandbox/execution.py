@@ -10,7 +10,16 @@ import builtins
 import sys
 import time
 
-from .protocol import ERROR, FAIL, INVALID, PASS, PROGRESS, PROGRESS_CALL, compile_error_line, result_line
+from .protocol import (
+    ERROR,
+    FAIL,
+    INVALID,
+    PASS,
+    PROGRESS,
+    PROGRESS_CALL,
+    compile_error_line,
+    result_line,
+)
 
 _FORBIDDEN_BUILTINS = ("open", "input", "breakpoint", "help", "exit", "quit", "copyright", "credits", "license")
 

@@ -241,7 +241,8 @@ class _Run:
     timed_out_at: int | None = None
     kill_fn: int | None = None  # the function that was running when the watchdog asked for a kill
     kill_sent_at: float | None = None
-    violation: str | None = None
+    violation: str | None = None  # what the function `violation_fn` broke in the protocol
+    violation_fn: int | None = None  # local index of the function that broke it (the one running then)
 
 
 class Worker:
@@ -535,8 +536,8 @@ class Worker:
         return retry
 
     def _on_result(self, run: _Run, payload: bytes, now: float) -> None:
-        if run.violation is not None:
-            return
+        if run.violation is not None and run.violation_fn == run.cur:
+            return  # the rest of what the offending function sends is ignored; it is charged in _finish_fn
         cfg = self.cfg
         try:
             if len(payload) > cfg.worker.max_output_chars:
@@ -568,7 +569,9 @@ class Worker:
             self._settle_codes(run, s, codes, dets)
             run.got = s + len(codes)
         except (ValueError, KeyError, TypeError) as exc:
-            run.violation = short(str(exc), 200)
+            # charged to the function running now only: by the time the kill lands, the job runner
+            # may have started the next function, which is then cut off (and retried), not charged
+            run.violation, run.violation_fn = short(str(exc), 200), run.cur
             if run.kill_sent_at is None:
                 run.kill_fn = run.cur
                 self._send_kill(run, now)
@@ -628,7 +631,7 @@ class Worker:
         fi = job.funcs[fl][0]
         pos, inputs, batch = job.positions[fl], job.inputs, job.batch
         n, got = len(inputs), run.got
-        if run.violation is not None:
+        if run.violation is not None and run.violation_fn == fl:
             detail = short(f"protocol violation: {run.violation}")
             batch.set_many([(pos[k], CallResult(fi, inputs[k], Outcome.killed, detail)) for k in range(got, n)])
             return []
