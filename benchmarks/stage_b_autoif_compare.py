@@ -308,12 +308,13 @@ def our_score_filter(rows: list[dict], cfg) -> pd.DataFrame:
 
     frame = response_frame([(r["instruction"], r["query"], [], [r["response"]]) for r in rows])
     frame = frame.assign(pass_rate=1.0, n_funcs=0, n_passed=0, n_errors=0, n_timeouts=0, func_results="[]")[VERIFIED_COLUMNS]
+    frame = frame.assign(contaminated_fields=None)  # as the contamination step hands them on
     llm = ScriptedLLM.from_prompts({score_prompt(r["instruction"], r["query"], r["response"]): r["gen"] for r in rows})
-    return score_responses.pure(verified=frame, llm=llm, cfg=cfg.quality_filter, seed=0)
+    return score_responses.pure(clean=frame, llm=llm, cfg=cfg.quality_filter, seed=0)
 
 
 def clean_of(verified: pd.DataFrame) -> pd.DataFrame:
-    """What the contamination step hands the pairing: kept responses, scored. The DPO samples carry no judge
+    """What the quality filter hands the pairing: kept responses, scored. The DPO samples carry no judge
     outputs (AutoIF's DPO scripts never score), so every kept response passes the score filter (score 10)."""
     kept = verified[verified["reason"].isna()]
     return kept.assign(score=10.0, score_analysis="", contaminated_fields=None)

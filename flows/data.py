@@ -13,8 +13,8 @@ from autoif.store import StepRef
 
 def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
     """Stage A's instructions (and the seeds' reference verifiers when asked) -> queries -> K responses per
-    (instruction, query) -> verification in the sandbox -> quality score -> contamination check -> SFT rows,
-    query-level and instruction-level DPO pairs; ``until`` stops after the named step."""
+    (instruction, query) -> verification in the sandbox -> contamination check -> quality score -> SFT rows,
+    query-level and instruction-level DPO pairs -> exports; ``until`` stops after the named step."""
     last = PipelineStep(until).position
     reached = lambda step: last >= step.position  # noqa: E731
     refs: dict[str, StepRef] = {}
@@ -29,14 +29,14 @@ def stage_b(run: PipelineRun, a: dict[str, StepRef], until: PipelineStep = Pipel
         refs["response_generation"] = steps.generate_responses(run, pairs=refs["query_augmentation"])  # 5. K responses
     if reached(PipelineStep.verification):
         refs["verification"] = steps.verify_responses(run, responses=refs["response_generation"])  # 6. pass rates
-    if reached(PipelineStep.quality_filter):
-        refs["quality_filter"] = steps.score_responses(run, verified=refs["verification"])  # 7. relevance score
     if reached(PipelineStep.contamination):
-        refs["contamination"] = steps.decontaminate(run, scored=refs["quality_filter"])  # 13-gram overlap
+        refs["contamination"] = steps.decontaminate(run, verified=refs["verification"])  # 13-gram overlap, all rows
+    if reached(PipelineStep.quality_filter):
+        refs["quality_filter"] = steps.score_responses(run, clean=refs["contamination"])  # 7. relevance score
     if reached(PipelineStep.sft):
-        refs["sft"] = steps.sft_rows(run, clean=refs["contamination"])  # 8. SFT rows
+        refs["sft"] = steps.sft_rows(run, clean=refs["quality_filter"])  # 8. SFT rows
     if reached(PipelineStep.query_dpo):
-        refs["query_dpo"] = steps.query_dpo(run, verified=refs["verification"], clean=refs["contamination"])  # 8. pairs
+        refs["query_dpo"] = steps.query_dpo(run, verified=refs["contamination"], clean=refs["quality_filter"])  # 8. pairs
     if reached(PipelineStep.instruction_dpo):
         refs["instruction_dpo"] = steps.instruction_dpo(run, instructions=refs["stage_b_instructions"])  # 8. case pairs
     if reached(PipelineStep.exports):  # the training data as TRL, LLaMA-Factory and HF datasets read it

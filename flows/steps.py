@@ -117,12 +117,12 @@ score_responses = Step(StepSpec("quality_filter", qf.score_responses, schema=Sco
                                 metrics_final=qf.score_means))
 
 decontaminate = Step(StepSpec("contamination", ct.decontaminate, schema=Decontaminated, config="contamination",
-                              key_extra=_benchmarks_digest))
+                              key_extra=_benchmarks_digest, with_dropped=("verified",)))
 
 sft_rows = Step(StepSpec("sft", td.sft_rows, schema=SFTRows))
 
 query_dpo = Step(StepSpec("query_dpo", td.query_pairs, schema=DPOPairs, config="pairs", with_dropped=("verified",),
-                          funnel_input="verified"))
+                          funnel_input="verified"))  # `verified`: the contamination step's rows, failures included
 
 instruction_dpo = Step(StepSpec("instruction_dpo", td.instruction_pairs, schema=DPOPairs, config="instruction_pairs"))
 

@@ -68,19 +68,19 @@ class Verified(Responses):
     func_results: Series[str]  # JSON [{"func_id", "outcome", "value"}]
 
 
-class Scored(Verified):
-    """Verified responses with the LLM's relevance score; ``reason``: low_score, missing_score,
+class Decontaminated(Verified):
+    """Every verified response; ``reason``: verification's, or contaminated (``contaminated_fields`` says which
+    of query, response, instruction shares a 13-gram with a benchmark prompt)."""
+
+    contaminated_fields: Series[str] = pa.Field(nullable=True)
+
+
+class Scored(Decontaminated):
+    """Clean verified responses with the LLM's relevance score; ``reason``: low_score, missing_score,
     score_out_of_range, or the engine's."""
 
     score: Series[float] = pa.Field(nullable=True)
     score_analysis: Series[str]
-
-
-class Decontaminated(Scored):
-    """``reason``: contaminated (``contaminated_fields`` says which of query, response, instruction)."""
-
-    score: Series[float]
-    contaminated_fields: Series[str] = pa.Field(nullable=True)
 
 
 class SFTRows(StepFrame):

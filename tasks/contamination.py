@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 
 import pandas as pd
-from autoif.tasks.quality_filter import SCORED_COLUMNS
+from autoif.tasks.verification import VERIFIED_COLUMNS
+
+DECONTAMINATED_COLUMNS = [*[c for c in VERIFIED_COLUMNS if c != "reason"], "contaminated_fields", "reason"]
 
 from autoif.config import ContaminationConfig
 from autoif.evaluation.contamination import benchmark_ngrams, ngrams
@@ -28,11 +30,13 @@ def contaminated_fields(row: dict, index: frozenset, n: int) -> list[str]:
     return [c for c in CHECKED if isinstance(row.get(c), str) and ngrams(row[c], n) & index]
 
 
-def decontaminate(scored: pd.DataFrame, cfg: ContaminationConfig) -> pd.DataFrame:
-    """The scored responses, with ``contaminated`` ones dropped; ``contaminated_fields`` says which text."""
+def decontaminate(verified: pd.DataFrame, cfg: ContaminationConfig) -> pd.DataFrame:
+    """Every verified response (dropped ones too: a failing response is a DPO "rejected" and is training data
+    as much as a passing one); a contaminated one is dropped as ``contaminated`` whatever it was before, and
+    ``contaminated_fields`` says which text overlaps. Other rows keep their verification reason."""
     index = benchmark_index(tuple(cfg.benchmarks), cfg.ngram) if cfg.check else frozenset()
-    out = scored[[c for c in SCORED_COLUMNS if c != "reason"]].copy()
-    fields = [contaminated_fields(r, index, cfg.ngram) if index else [] for r in scored.to_dict("records")]
+    out = verified[[c for c in VERIFIED_COLUMNS if c != "reason"]].copy()
+    fields = [contaminated_fields(r, index, cfg.ngram) if index else [] for r in verified.to_dict("records")]
     out["contaminated_fields"] = [",".join(f) or None for f in fields]
-    out["reason"] = ["contaminated" if f else None for f in fields]
-    return out
+    out["reason"] = ["contaminated" if f else r for f, r in zip(fields, verified["reason"])]
+    return out[DECONTAMINATED_COLUMNS]

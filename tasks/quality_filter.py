@@ -11,7 +11,7 @@ import pandas as pd
 from autoif.tasks.batching import empty_frame, row_batches
 from autoif.tasks.json_repair import json_object
 from autoif.tasks.metrics import histogram, means
-from autoif.tasks.verification import VERIFIED_COLUMNS
+from autoif.tasks.contamination import DECONTAMINATED_COLUMNS
 
 from autoif.config import QualityFilterConfig
 from autoif.llm import LLM, generate_each
@@ -33,7 +33,7 @@ SCORE_JSON_SCHEMA: dict = {  # the analysis first (the judge reasons, then score
     "additionalProperties": False,
 }
 
-SCORED_COLUMNS = [*[c for c in VERIFIED_COLUMNS if c != "reason"], "score", "score_analysis", "reason"]
+SCORED_COLUMNS = [*[c for c in DECONTAMINATED_COLUMNS if c != "reason"], "score", "score_analysis", "reason"]
 _SCORE_LINE = re.compile(r"score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -72,8 +72,8 @@ def _ranged(score: float, analysis: str) -> tuple[float | None, str | None, str]
     return score, None, analysis
 
 
-def score_batches(verified: Iterable[pd.DataFrame], cfg: QualityFilterConfig) -> Iterator[pd.DataFrame]:
-    return row_batches(verified, cfg.batch_size)
+def score_batches(clean: Iterable[pd.DataFrame], cfg: QualityFilterConfig) -> Iterator[pd.DataFrame]:
+    return row_batches(clean, cfg.batch_size)
 
 
 def no_scored() -> pd.DataFrame:
@@ -92,7 +92,7 @@ def score_responses(batch: pd.DataFrame, llm: LLM, cfg: QualityFilterConfig, see
             score, reason, analysis = parse_score(texts[0])
             if reason is None and not cfg.score.holds(score):
                 reason = "low_score"
-        rows.append({**{k: r[k] for k in VERIFIED_COLUMNS if k != "reason"}, "score": score,
+        rows.append({**{k: r[k] for k in DECONTAMINATED_COLUMNS if k != "reason"}, "score": score,
                      "score_analysis": analysis[:1000], "reason": reason})
     return pd.DataFrame(rows, columns=SCORED_COLUMNS)
 

@@ -44,13 +44,14 @@ def sft_rows(clean: pd.DataFrame) -> pd.DataFrame:
 
 
 def query_pairs(verified: pd.DataFrame, clean: pd.DataFrame, cfg: PairsConfig) -> pd.DataFrame:
-    """Per (instruction, query) pair: chosen = clean responses (verified, scored, not contaminated) with
+    """Per (instruction, query) pair: chosen = clean responses (verified, not contaminated, scored) with
     pass rate meeting ``chosen_pass_rate``, best first; rejected = responses with pass rate meeting
-    ``rejected_pass_rate`` (all of verification's rows, dropped ones included: they are the failures);
-    up to ``max_chosen x max_rejected`` pairs. A prompt without both sides is one dropped row."""
+    ``rejected_pass_rate`` among all verified ones (verification's dropped rows are the failures), never a
+    contaminated one; up to ``max_chosen x max_rejected`` pairs. A prompt without both sides is one dropped row."""
     chosen_all = clean[clean["pass_rate"].map(lambda x: cfg.chosen_pass_rate.holds(float(x))).astype(bool)]
     failing = verified["pass_rate"].map(lambda x: cfg.rejected_pass_rate.holds(float(x))).astype(bool)
-    rejected_all = verified[verified["response"].fillna("").str.len().gt(0) & failing]
+    usable = verified["response"].fillna("").str.len().gt(0) & verified["reason"].ne("contaminated")
+    rejected_all = verified[usable & failing]
     rows = []
     for pair_id, group in verified.groupby("pair_id", sort=True):
         first = group.iloc[0]

@@ -42,7 +42,7 @@ SCORES = {  # (query, response) -> the judge's answer; missing = never asked (fa
     (Q3, RESPONSES[Q3][0]): '{"analysis": "ok", "score": 9}',
     (Q3, RESPONSES[Q3][1]): "I cannot decide.",  # no score: dropped
     (Q3, RESPONSES[Q3][2]): '{"analysis": "ok", "score": 12}',  # out of range: dropped
-    (Q3, RESPONSES[Q3][3]): '{"analysis": "ok", "score": 10}',  # contaminated: dropped after scoring
+    # Q3's 4th response is contaminated: dropped before scoring (never asked)
 }
 
 
@@ -87,11 +87,12 @@ def test_stage_b_canned_training_data(prefect_harness, stage_b_cfg):
     results = json.loads(verified.loc[RESPONSES[Q1][0], "func_results"])
     assert [r["outcome"] for r in results] == ["pass", "pass"] and len({r["func_id"] for r in results}) == 2
 
-    scored = frame("quality_filter").set_index("response")
-    assert len(scored) == 9  # only verified responses are scored
-    assert scored.reason.value_counts().to_dict() == {"low_score": 1, "missing_score": 1, "score_out_of_range": 1}
     clean = frame("contamination").set_index("response")
     assert clean.loc[CONTAMINATED, "reason"] == "contaminated" and clean.loc[CONTAMINATED, "contaminated_fields"] == "response"
+    assert clean.reason.value_counts().to_dict() == {"low_pass_rate": 7, "contaminated": 1}  # failures kept for DPO
+    scored = frame("quality_filter").set_index("response")
+    assert len(scored) == 8  # only verified, clean responses are scored
+    assert scored.reason.value_counts().to_dict() == {"low_score": 1, "missing_score": 1, "score_out_of_range": 1}
 
     sft = frame("sft")
     assert sorted(sft["response"]) == sorted([RESPONSES[Q1][0], RESPONSES[Q1][1], RESPONSES[Q2][0], RESPONSES[Q2][1],
