@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sandbox as sandbox_bench  # noqa: E402  benchmarks/sandbox.py: its functions, responses and measurement
+import sandbox as sandbox_bench  # benchmarks/sandbox.py: its functions, responses and measurement
 
 QUERIES_IN_POOL = 400
 N_SEEDS = 4
@@ -112,10 +112,12 @@ def words(rng: random.Random, n: int) -> list[str]:
 
 
 def make_queries(rng: random.Random, n: int) -> list[str]:
-    verbs = "keep plan fix clean store cook learn explain choose compare repair organise start improve measure".split()
-    nouns = ("basil plants|a small garden|my budget|a bike chain|sourdough bread|a job interview|chess openings|"
-             "a mortgage rate|winter tyres|a home network|a study schedule|a wooden table|a team meeting|"
-             "running shoes|a kitchen drawer|a cover letter|tomato seedlings|a slow laptop|a birthday party").split("|")
+    verbs = ["keep", "plan", "fix", "clean", "store", "cook", "learn", "explain", "choose", "compare", "repair", "organise",
+             "start", "improve", "measure"]
+    nouns = ["basil plants", "a small garden", "my budget", "a bike chain", "sourdough bread", "a job interview",
+             "chess openings", "a mortgage rate", "winter tyres", "a home network", "a study schedule", "a wooden table",
+             "a team meeting", "running shoes", "a kitchen drawer", "a cover letter", "tomato seedlings", "a slow laptop",
+             "a birthday party"]
     tails = ["without spending much", "before the weekend", "when I have little time", "as a beginner", "on a rainy day",
              "for a family of four", "in a small flat", "if I travel a lot", "step by step", "without special tools"]
     out: set[str] = set()
@@ -305,30 +307,79 @@ class ChildMonitor(threading.Thread):
                 self.peak_total[kind] = max(self.peak_total.get(kind, 0), v)
 
 
-class StepClock(logging.Handler):
-    """Wall time of each step, from the step runtime's ``step_start`` / ``step_done`` progress events."""
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all its threads) plus its sandbox workers and the job children
+    they reaped (as ``benchmarks/sandbox.py`` counts them): what the verification work costs, whatever else
+    the machine runs at the same time."""
+    tck = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    todo = [(c, None) for c in _children(os.getpid())]
+    while todo:
+        pid, parent = todo.pop()
+        kind = _kind(pid, parent)
+        if kind == "sandbox":
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    total += sum(int(x) for x in fh.read().rsplit(")", 1)[1].split()[11:15]) / tck
+            except OSError:
+                pass
+        todo += [(c, kind) for c in _children(pid)]
+    return total
 
-    def __init__(self) -> None:
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS (VmHWM), so a later read is the peak since now (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class StepClock(logging.Handler):
+    """Wall time and peak RSS of the flow process for each step, from the step runtime's ``step_start`` /
+    ``step_done`` progress events (steps run one after the other; a step's batches run in this process)."""
+
+    def __init__(self, track_rss: bool) -> None:
         super().__init__(logging.INFO)
+        self.track_rss = track_rss
         self.start: dict[str, float] = {}
         self.wall: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds (process + sandbox) of the steps named in cpu_steps
+        self.cpu_steps = {"verification"}
+        self.overall_kb = 0
+
+    def hwm(self) -> int:
+        kb = _status_kb(os.getpid(), "VmHWM")
+        self.overall_kb = max(self.overall_kb, kb)
+        return kb
 
     def emit(self, record: logging.LogRecord) -> None:
         p = getattr(record, "progress", None) or {}
         if p.get("event") == "step_start":
+            if self.track_rss:
+                self.hwm()
+                _reset_hwm()
+            if p["step"] in self.cpu_steps:
+                self.cpu[p["step"]] = -cpu_seconds()
             self.start[p["step"]] = time.perf_counter()
         elif p.get("event") == "step_done" and p.get("step") in self.start:
             self.wall[p["step"]] = time.perf_counter() - self.start[p["step"]]
+            if p["step"] in self.cpu:
+                self.cpu[p["step"]] += cpu_seconds()
+            if self.track_rss:
+                self.peak_mb[p["step"]] = self.hwm() / 1024
 
 
-def raw_sandbox_same_calls(store, ref, batch_size: int) -> tuple[int, float]:
+def raw_sandbox_same_calls(store, ref, batch_size: int) -> tuple[int, float, float]:
     """The verification step's calls (its responses, its functions, its pairs, its batches) straight to
-    ``Sandbox().run``, one batch after the other; returns (calls, seconds inside run)."""
+    ``Sandbox().run``, one batch after the other; returns (calls, seconds inside run, CPU seconds inside run)."""
     from autoif.tasks.batching import row_batches
 
     from autoif.sandbox import Sandbox
 
-    calls, seconds = 0, 0.0
+    calls, seconds, cpu = 0, 0.0, 0.0
     frames = (f[["response", "funcs", "func_ids"]] for f in store.iter_step(ref))
     with Sandbox() as sb:
         sb.run(["def evaluate(response):\n    return True"], ["warm-up"])
@@ -343,11 +394,12 @@ def raw_sandbox_same_calls(store, ref, batch_size: int) -> tuple[int, float]:
                         srcs.append(src)
                     pairs.append((funcs[fid], i))
             inputs = batch["response"].tolist()
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             res = sb.run(srcs, inputs, pairs)
             seconds += time.perf_counter() - t0
+            cpu += cpu_seconds() - c0
             calls += len(res)
-    return calls, seconds
+    return calls, seconds, cpu
 
 
 def raw_sandbox_dense(funcs: list[str], responses: list[str], repeat: int = 2) -> float:
@@ -404,18 +456,14 @@ def main() -> None:
     funcs, pool = built.pop("funcs"), built.pop("pool")
     gc.collect()
     rss_before = _status_kb(os.getpid(), "VmRSS") / 1024
-    try:  # reset this process's VmHWM, so its peak is the flow's, not the script building's
-        Path("/proc/self/clear_refs").write_text("5")
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
+    hwm_reset = _reset_hwm()  # this process's peak from here on is the flow's, not the script building's
 
     from autoif.flows.data import build_data
 
     from autoif.sandbox import close_shared_sandbox
     from autoif.store import Store
 
-    clock = StepClock()
+    clock = StepClock(track_rss=hwm_reset)
     progress = logging.getLogger("autoif.progress")
     progress.addHandler(clock)
     progress.setLevel(logging.INFO)
@@ -427,7 +475,7 @@ def main() -> None:
     wall = time.perf_counter() - t1
     monitor.stop.set()
     monitor.join()
-    peak_self = (_status_kb(os.getpid(), "VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    peak_self = (max(clock.hwm(), clock.overall_kb) if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     close_shared_sandbox()  # the flow's pool: gone before the raw measurement starts its own
     store = Store(cfg.store.root)
 
@@ -436,14 +484,16 @@ def main() -> None:
     fig.update({f"script_{k}": v for k, v in built.items() if k != "instructions"})
     fig["script_build_s"] = t_build
     fig["flow_wall_s"] = wall
-    stage_b = ["stage_b_instructions", "queries", "query_augmentation", "response_generation", "verification",
-               "quality_filter", "contamination", "sft", "query_dpo", "instruction_dpo"]
+    names = list(refs)
+    stage_b = names[names.index("stage_b_instructions"):]  # the flow's order: stage A's steps, then stage B's
     for name, ref in refs.items():
         m = store.manifest(ref.run, ref.step, ref.key)
         f = m.meta["funnel"]
         fig[f"step.{name}.wall_s"] = round(clock.wall.get(name, float("nan")), 2)
         fig[f"step.{name}.rows_in"] = f["rows_in"]
         fig[f"step.{name}.kept"] = f["rows_out"]
+        if name in clock.peak_mb:
+            fig[f"step.{name}.peak_rss_mb"] = round(clock.peak_mb[name], 1)
         if "batches" in m.meta:
             fig[f"step.{name}.batches"] = m.meta["batches"]
             fig[f"step.{name}.busy_s"] = m.meta["seconds"]  # sum over batches (in flight at once: > wall)
@@ -459,10 +509,15 @@ def main() -> None:
     fig["verification_sandbox_calls"] = calls
     fig["verification_calls_per_s"] = calls / vwall
     fig["verification_calls_per_busy_s"] = calls / vm.meta["seconds"] if vm.meta["seconds"] else float("nan")
-    raw_calls, raw_s = raw_sandbox_same_calls(store, refs["response_generation"], args.batch)
+    fig["loadavg_1m_after_flow"] = round(os.getloadavg()[0], 2)
+    raw_calls, raw_s, raw_cpu = raw_sandbox_same_calls(store, refs["response_generation"], args.batch)
     fig["raw_sandbox_calls"] = raw_calls
     fig["raw_sandbox_calls_per_s"] = raw_calls / raw_s
     fig["verification_throughput/raw_sandbox"] = fig["verification_calls_per_s"] / fig["raw_sandbox_calls_per_s"]
+    # the same comparison in CPU time (flow process + sandbox workers), which other load on the machine moves less
+    fig["verification_cpu_us_per_call"] = clock.cpu["verification"] / calls * 1e6
+    fig["raw_sandbox_cpu_us_per_call"] = raw_cpu / raw_calls * 1e6
+    fig["verification_throughput/raw_sandbox_cpu"] = fig["raw_sandbox_cpu_us_per_call"] / fig["verification_cpu_us_per_call"]
     rng = random.Random(1)
     dense = raw_sandbox_dense(rng.sample(funcs, min(200, len(funcs))), pool[:500])
     fig["raw_sandbox_dense_200x500_evals_per_s"] = dense

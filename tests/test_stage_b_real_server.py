@@ -3,13 +3,14 @@
 Two seeds with their reference verification functions and test cases enter stage B
 (``seeds.use_reference_verifiers``) whatever stage A keeps; each is paired with one real query, the server
 writes 2 responses per pair, the sandbox runs every response through the seed's function, the server scores
-every verified response, and the contamination check and the training-data steps run on what is left.
+every verified response (that the contamination check keeps), and the training-data steps run on what is left.
 Quality is not asserted (a 270M base model): the run must complete, call the real server for every prompt,
 and write valid outputs for every step, with the funnel in MLflow.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -30,9 +31,9 @@ SEEDS = [  # one check a short answer always passes (so the quality filter has r
     {"family": "length", "instruction": "Answer with at most 100 words.",
      "func": "def evaluate(response):\n    return len(response.split()) <= 100",
      "cases": [{"input": "A short answer.", "output": True}, {"input": " ".join(["word"] * 150), "output": False}]},
-    {"family": "case", "instruction": "Answer in all lowercase letters.",
-     "func": "def evaluate(response):\n    return response == response.lower()",
-     "cases": [{"input": "all lowercase here", "output": True}, {"input": "Not Lowercase", "output": False}]},
+    {"family": "punctuation", "instruction": "Do not use any commas in your response.",
+     "func": "def evaluate(response):\n    return ',' not in response",
+     "cases": [{"input": "No commas here.", "output": True}, {"input": "One, two.", "output": False}]},
 ]
 QUERIES = ["How do I keep basil alive on a windowsill?", "What is a good way to start learning chess?"]
 SCORE_REASONS = {"missing_score", "score_out_of_range", "low_score"}
@@ -70,11 +71,19 @@ def test_stage_b_on_the_real_small_model(prefect_harness, make_cfg, llamacpp_ser
     frames: dict[str, pd.DataFrame] = {}
     for name, ref in refs.items():  # every step wrote Parquet that passed its schema (and still does, read back)
         df, _ = store.read_step(ref)
-        assert "reason" in df.columns, name
-        contracts[name].validate(df, lazy=True)
+        if name in contracts:  # (a step the flow builds per run, e.g. an export, validated on write only)
+            contracts[name].validate(df, lazy=True)
         frames[name] = df
-    assert set(STAGE_B) <= set(refs)
-    manifest = lambda name: store.manifest(refs[name].run, refs[name].step, refs[name].key)  # noqa: E731
+    assert set(STAGE_B) <= set(refs) & set(contracts) and all("reason" in frames[name] for name in STAGE_B)
+    step_of = {ref.uri: name for name, ref in refs.items()}
+
+    def manifest(name: str):
+        return store.manifest(refs[name].run, refs[name].step, refs[name].key)
+
+    def kept_input(name: str) -> pd.DataFrame:
+        """The kept rows of the step feeding ``name`` (the flow decides which one: read from its manifest)."""
+        (source,) = [step_of[u] for u in manifest(name).upstream]
+        return frames[source][frames[source].reason.isna()]
 
     inst = frames["stage_b_instructions"]
     ref_rows = inst[inst.verifier_source == "reference"]
@@ -106,16 +115,17 @@ def test_stage_b_on_the_real_small_model(prefect_harness, make_cfg, llamacpp_ser
     short = verified[verified.instruction == SEEDS[0]["instruction"]]
     assert len(short) == 2 and (short.pass_rate == 1.0).all()  # 64 tokens are fewer than 100 words
 
-    # quality filter: the server was asked about every verified response; each has a score or says why not
+    # quality filter: the server was asked about every verified response that reaches it (after the
+    # contamination check where the flow runs that first); each has a score or says why not
     kept = verified[verified.reason.isna()]
     scored = frames["quality_filter"]
-    assert sorted(scored.response_id) == sorted(kept.response_id) and len(scored) >= 2
-    assert manifest("quality_filter").meta["usage"]["llm_prompts"] == len(kept)
+    asked = kept_input("quality_filter")
+    assert sorted(scored.response_id) == sorted(asked.response_id) and set(asked.response_id) <= set(kept.response_id)
+    assert len(scored) >= 2 and manifest("quality_filter").meta["usage"]["llm_prompts"] == len(scored)
     for r in scored.itertuples():
         assert pd.isna(r.reason) or r.reason in SCORE_REASONS, r  # never an engine error
         assert pd.notna(r.score) or r.reason == "missing_score", r
-    assert sorted(frames["contamination"].response_id) == sorted(scored[scored.reason.isna()].response_id)
-    assert len(frames["sft"]) == frames["contamination"].reason.isna().sum()
+    assert len(frames["sft"]) == len(kept_input("sft"))
 
     # the funnel is in MLflow: every stage B step's counts on the flow's run, and the funnel table
     client = MlflowClient(cfg.tracking.tracking_uri)
@@ -126,8 +136,7 @@ def test_stage_b_on_the_real_small_model(prefect_harness, make_cfg, llamacpp_ser
         f = manifest(name).meta["funnel"]
         assert (m[f"{name}.rows_in"], m[f"{name}.rows_out"]) == (f["rows_in"], f["rows_out"]), name
     assert m["response_generation.rows_out"] == len(written) and m["verification.rows_in"] == len(written)
-    assert m["quality_filter.rows_in"] == len(kept) and m["llm_requests"] > 0
+    assert m["quality_filter.rows_in"] == len(scored) and m["llm_requests"] > 0
     assert {"funnel.md", "funnel.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    funnel = client.download_artifacts(run.info.run_id, "funnel.md", str(tmp_path))
-    text = open(funnel).read()
+    text = Path(client.download_artifacts(run.info.run_id, "funnel.md", str(tmp_path))).read_text()
     assert all(f"| {name} |" in text for name in STAGE_B)
