@@ -19,6 +19,8 @@ response gets a canned score (mostly 9-10 as JSON, some "Score: N" lines, some l
 The raw sandbox figure: after the flow, the verification step's exact calls (the same functions on the same
 responses, cut into the same batches) go to ``Sandbox().run`` directly, one batch after the other; and, for
 reference, ``benchmarks/sandbox.py``'s dense measurement (200 of these functions x 500 of these responses).
+``verification_throughput/raw_sandbox`` compares wall times (goal >= 0.8); ``..._cpu`` compares CPU seconds
+(flow process + sandbox workers), which moves less when other work shares the machine.
 Output: ``name = value`` lines (and the same figures as one JSON line at the end).
 """
 from __future__ import annotations

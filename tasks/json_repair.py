@@ -53,6 +53,13 @@ def loads_repaired(blob: str) -> tuple[Any, list[str]]:
 
 
 
+def outer_braces(text: str) -> str | None:
+    """The outermost ``{...}`` of a text: the JSON when a fence inside a JSON string (a test case that
+    mentions a code fence) cut the fenced block short."""
+    start, end = text.find("{"), text.rfind("}")
+    return text[start : end + 1] if start != -1 and end > start else None
+
+
 def json_object(text: str | None) -> dict | None:
     """The JSON object in a completion (fenced or not, repaired), or None when there is none."""
     if not isinstance(text, str):
@@ -63,5 +70,9 @@ def json_object(text: str | None) -> dict | None:
     try:
         obj, _ = loads_repaired(blob)
     except ValueError:
-        return None
+        whole = outer_braces(text)
+        try:
+            obj, _ = loads_repaired(whole) if whole and whole != blob else (None, [])
+        except ValueError:
+            return None
     return obj if isinstance(obj, dict) else None

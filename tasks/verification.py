@@ -31,28 +31,39 @@ def verify(batch: pd.DataFrame, cfg: VerificationConfig, sandbox) -> pd.DataFram
     funcs: dict[str, int] = {}
     srcs: list[str] = []
     pairs: list[tuple[int, int]] = []
-    owners: list[list[str]] = []
-    for i, r in enumerate(batch.itertuples()):
-        ids = json.loads(r.func_ids)
-        owners.append(ids)
-        for fid, src in zip(ids, json.loads(r.funcs)):
-            if fid not in funcs:
-                funcs[fid] = len(srcs)
-                srcs.append(src)
-            pairs.append((funcs[fid], i))
+    owners: list[list[int]] = []
+    parsed: dict[tuple[str, str], list[int]] = {}  # a pair's K responses share one (func_ids, funcs) cell
+    for i, (ids_cell, funcs_cell) in enumerate(zip(batch["func_ids"].tolist(), batch["funcs"].tolist())):
+        idx = parsed.get((ids_cell, funcs_cell))
+        if idx is None:
+            idx = []
+            for fid, src in zip(json.loads(ids_cell), json.loads(funcs_cell)):
+                if fid not in funcs:
+                    funcs[fid] = len(srcs)
+                    srcs.append(src)
+                idx.append(funcs[fid])
+            parsed[(ids_cell, funcs_cell)] = idx
+        owners.append(idx)
+        pairs.extend((k, i) for k in idx)
+    fid_of = list(funcs)
     results = sandbox.run(srcs, batch["response"].tolist(), pairs) if pairs else []
-    outcome: dict[tuple[int, int], tuple[str, bool | None]] = {
-        (res.func_index, res.input_index): (res.outcome.value, res.value) for res in results}
-    rows = []
-    for i, (r, ids) in enumerate(zip(batch.to_dict("records"), owners)):
-        per = [{"func_id": fid, "outcome": outcome[(funcs[fid], i)][0], "value": outcome[(funcs[fid], i)][1]} for fid in ids]
+    outcome = {(res.func_index, res.input_index): (res.outcome.value, res.value) for res in results}
+    rate, n_funcs, n_passed, n_errors, n_timeouts, per_func, reason = [], [], [], [], [], [], []
+    for i, idx in enumerate(owners):
+        per = [{"func_id": fid_of[k], "outcome": outcome[(k, i)][0], "value": outcome[(k, i)][1]} for k in idx]
         passed = sum(p["value"] is True for p in per)
-        rate = passed / len(per) if per else 0.0
-        rows.append({**{k: r[k] for k in RESPONSE_COLUMNS if k != "reason"}, "pass_rate": rate, "n_funcs": len(per),
-                     "n_passed": passed, "n_errors": sum(p["outcome"] in _ERRORS for p in per),
-                     "n_timeouts": sum(p["outcome"] == "timeout" for p in per), "func_results": json.dumps(per),
-                     "reason": None if per and cfg.pass_rate.holds(rate) else ("no_functions" if not per else "low_pass_rate")})
-    return pd.DataFrame(rows, columns=VERIFIED_COLUMNS)
+        r = passed / len(per) if per else 0.0
+        rate.append(r)
+        n_funcs.append(len(per))
+        n_passed.append(passed)
+        n_errors.append(sum(p["outcome"] in _ERRORS for p in per))
+        n_timeouts.append(sum(p["outcome"] == "timeout" for p in per))
+        per_func.append(json.dumps(per))
+        reason.append(None if per and cfg.pass_rate.holds(r) else ("no_functions" if not per else "low_pass_rate"))
+    out = batch[[c for c in RESPONSE_COLUMNS if c != "reason"]].reset_index(drop=True)
+    out = out.assign(pass_rate=rate, n_funcs=n_funcs, n_passed=n_passed, n_errors=n_errors, n_timeouts=n_timeouts,
+                     func_results=per_func, reason=pd.Series(reason, dtype=object))
+    return out[VERIFIED_COLUMNS]
 
 
 def verification_metrics(df: pd.DataFrame) -> dict[str, float]:

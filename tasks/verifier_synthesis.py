@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import pandas as pd
 from autoif.tasks.batching import empty_frame, row_batches
-from autoif.tasks.json_repair import FENCE, extract_json_text, loads_repaired
+from autoif.tasks.json_repair import FENCE, extract_json_text, loads_repaired, outer_braces
 from autoif.tasks.metrics import count_values
 
 from autoif.config import VerifierSynthesisConfig
@@ -96,8 +96,15 @@ def parse_verifier(text: str, cfg: VerifierSynthesisConfig) -> ParsedVerifier:
     try:
         obj, repairs = loads_repaired(blob)
     except ValueError:
-        out.reason = "invalid_json"
-        return out
+        whole = outer_braces(text)  # a fence inside a JSON string cut the fenced block short
+        try:
+            if whole is None or whole == blob:
+                raise ValueError("no other JSON candidate")
+            obj, repairs = loads_repaired(whole)
+            repairs = ["fence_inside_json", *repairs]
+        except ValueError:
+            out.reason = "invalid_json"
+            return out
     out.repairs += repairs
     if not isinstance(obj, dict):
         out.reason = "json_not_object"

@@ -159,3 +159,12 @@ def test_nli_mode_uses_the_models_labels_and_loads_once(tiny_nli, tmp_path, favo
     assert [json.loads(x) for x in out["labels"]] == [[favour, favour], [favour]]
     assert out["reason"].tolist() == [reason, reason]
     assert resources.nli(path) is nli  # one model per process and path, for every pair and batch
+
+
+def test_a_code_fence_inside_a_json_string_does_not_cut_the_json_short():
+    import json as _json
+
+    body = _json.dumps({"func": GOOD, "cases": [{"input": "```json\n{}\n```", "output": False}, {"input": "abc", "output": True}]})
+    p = parse_verifier("```json\n" + body + "\n```", VCFG)
+    assert p.reason is None and p.func == GOOD and len(p.cases) == 2  # parsed whole, both cases kept
+    assert "fence_inside_json" in p.repairs

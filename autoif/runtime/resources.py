@@ -6,6 +6,7 @@ context: a task gets its config as a value and asks for the resource that config
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from pathlib import Path
@@ -21,9 +22,16 @@ _nli: dict[str, Any] = {}
 def _engine_key(cfg: EngineConfig) -> str:
     key = cfg.model_dump_json()
     if cfg.kind is EngineKind.scripted and cfg.scripted_path and Path(cfg.scripted_path).is_file():
-        # a rewritten script file is read again (as a restarted server serves its model again)
-        key += hashlib.sha256(Path(cfg.scripted_path).read_bytes()).hexdigest()
+        # a rewritten script file is read again (as a restarted server serves its model again); hashed only
+        # when its size or mtime changed (a script can be tens of MB and this runs per batch)
+        st = Path(cfg.scripted_path).stat()
+        key += _file_digest(cfg.scripted_path, st.st_size, st.st_mtime_ns)
     return key
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def llm(cfg: EngineConfig):
