@@ -147,17 +147,8 @@ class Store:
         pq.write_table(table, buf)
         payload = buf.getvalue()
         d = self._dir(run, step, key)
-        self.fs.makedirs(d, exist_ok=True)
         name = part_name(index)
-        target = posixpath.join(d, name)
-        if self._protocol in ("", "file://"):
-            tmp = posixpath.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(payload)
-            self.fs.mv(tmp, target)
-        else:
-            with self.fs.open(target, "wb") as f:
-                f.write(payload)
+        self._put(d, name, payload)
         return Part(name=name, sha256=hashlib.sha256(payload).hexdigest(), rows=table.num_rows,
                     columns={f.name: str(f.type) for f in table.schema})
 
@@ -183,18 +174,22 @@ class Store:
             raise ValueError(f"step {step!r}: invalid extra file name {name!r}")
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"step {step!r}: extra file {name!r} must be bytes, got {type(data).__name__}")
-        d = self._dir(run, step, key)
+        self._put(self._dir(run, step, key), name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def _put(self, d: str, name: str, payload: bytes) -> None:
+        """Write ``d/name`` whole or not at all: a local file is renamed into place; an S3 object exists only
+        once its upload completed."""
         self.fs.makedirs(d, exist_ok=True)
         target = posixpath.join(d, name)
-        if self._protocol in ("", "file://"):  # renamed into place; an S3 object exists once its upload completed
+        if self._protocol in ("", "file://"):
             tmp = posixpath.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
             with self.fs.open(tmp, "wb") as f:
-                f.write(data)
+                f.write(payload)
             self.fs.mv(tmp, target)
         else:
             with self.fs.open(target, "wb") as f:
-                f.write(data)
-        return hashlib.sha256(data).hexdigest()
+                f.write(payload)
 
     def read_file(self, ref: StepRef, name: str) -> bytes:
         """An extra file of a finished step (one its manifest lists)."""
