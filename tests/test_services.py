@@ -105,7 +105,7 @@ def test_failed_task_retry_on_prefect_server_with_s3_and_mlflow_server(tmp_path,
     step_runs = client.search_runs([exp.experiment_id], "tags.`autoif.step` = 'self_instruct'")
     ok = [r for r in step_runs if r.info.status == "FINISHED"]
     assert ok and json.loads(ok[0].inputs.dataset_inputs[0].dataset.source)["uri"].startswith("s3://autoif-test/svc/svc/self_instruct/")
-    parents = client.search_runs([exp.experiment_id], "tags.`autoif.flow` = 'instructions'")
+    parents = client.search_runs([exp.experiment_id], "tags.`autoif.flow` = 'pipeline'")
     assert {p.data.tags["prefect.flow_run_id"] for p in parents}  # linked to Prefect flow runs ...
     ui = prefect_server.removesuffix("/api")
     assert all(p.data.tags["prefect.flow_run_url"] == f"{ui}/flow-runs/flow-run/{p.data.tags['prefect.flow_run_id']}" for p in parents), [(p.data.tags.get("prefect.flow_run_url"), p.data.tags["prefect.flow_run_id"]) for p in parents]  # ... and the UI
