@@ -1,6 +1,6 @@
 """Side by side with AutoIF on its own data (acceptance point 9 of issue 6).
 
-``../shared/data/autoif-sample/eval_func_rft.jsonl`` holds 5 instructions x 8 real completions. This script
+``tests/data/autoif-sample/eval_func_rft.jsonl`` (a copy of AutoIF's sample, with its licence) holds 5 instructions x 8 real completions. This script
 replays them through our verifier parsing and cross-validation (scripted engine, ``code`` preset) and through
 AutoIF's published cross-validation logic (``code/3_cross_validation.py`` of QwenLM/AutoIF, re-implemented
 here from its behaviour: first ```json fence, strict ``json.loads``, drop lines containing "download" or

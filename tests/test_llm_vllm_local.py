@@ -1,6 +1,6 @@
 """The in-process vLLM engine's error mapping and seeds, against a stand-in ``vllm`` module.
 
-vLLM cannot be installed next to this stack (../shared/STACK.md), so a small module takes its place with
+vLLM cannot be installed next to this stack (its torch and fastapi pins clash with ours), so a small module takes its place with
 the behaviour that matters here, as vLLM 0.32 has it: ``LLM.generate`` validates the whole batch first and,
 when one prompt is longer than ``max_model_len``, aborts the batch with a ``VLLMValidationError`` (a
 ``VLLMClientError``, not a ValueError) that names no prompt.

@@ -86,21 +86,28 @@ def _cache_key(_context, p: dict) -> str:
 def result_storage(cfg: RunConfig):
     """Where Prefect persists task results: ``runtime.result_storage``, else ``<store>/_prefect_results``
     when the store is on S3 (remote workers share it), else Prefect's local default (None)."""
-    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
-
     base = cfg.runtime.result_storage
     if base is None and cfg.store.root.startswith("s3://"):
         base = cfg.store.root.rstrip("/") + "/_prefect_results"
     if base is None:
         return None
+    from prefect.settings import get_current_settings
+
+    return _saved_result_storage(str(get_current_settings().api.url), base, cfg.store.s3_endpoint_url)
+
+
+@functools.cache
+def _saved_result_storage(api_url: str, base: str, endpoint_url: str | None):
+    """The result-storage block for ``base``, saved once per Prefect API and location (Prefect wants it saved
+    server-side: workers load it by reference), not once per step."""
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
     if "://" not in base:
         block = LocalFileSystem(basepath=base)
     else:
-        settings = {"client_kwargs": {"endpoint_url": cfg.store.s3_endpoint_url}} if cfg.store.s3_endpoint_url else {}
+        settings = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
         block = RemoteFileSystem(basepath=base, settings=settings)
-    # Prefect wants result storage saved server-side (workers load it by reference): one block per location
-    name = f"autoif-results-{stable_hash([base, cfg.store.s3_endpoint_url])}"
-    block.save(name, overwrite=True)
+    block.save(f"autoif-results-{stable_hash([base, endpoint_url])}", overwrite=True)
     return block
 
 
