@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from enum import Enum
 from pathlib import Path
@@ -60,6 +61,10 @@ class PipelineStep(str, Enum):
     query_dpo = "query_dpo"
     instruction_dpo = "instruction_dpo"
     exports = "exports"  # the training data as TRL, LLaMA-Factory and Hugging Face datasets files
+    train_sft = "train_sft"  # 9. SFT on the TRL SFT export
+    train_dpo = "train_dpo"  # 9. offline DPO on the TRL preference export, from the SFT adapter
+    online = "online"  # 10. online iterations: sample, verify, gate, pair, train
+    evaluation = "evaluation"  # 12. the base and each trained policy on the benchmarks
 
     @property
     def position(self) -> int:
@@ -298,11 +303,36 @@ class ExportsConfig(_Model):
     queries_licence: str | None = None
 
 
+class Device(str, Enum):
+    """Where the policy trains and samples: ``auto`` takes CUDA when there is one (bf16 when it supports it)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PolicyEngine(str, Enum):
+    """How the policy samples: in-process transformers (small models), or a vLLM OpenAI server that loads each
+    trained LoRA adapter at runtime (``/v1/load_lora_adapter``) and serves it by name (real runs)."""
+
+    transformers = "transformers"
+    vllm = "vllm"
+
+
 class PolicyConfig(_Model):
     """The model stage C trains (the supervision engine ``engine`` writes the data)."""
 
-    model: str = "gemma3-270m"  # name, or a local path / hub id for training
-    model_path: str | None = None  # local weights (GGUF or HF directory); None = the embedded default
+    model: str = "gemma3-270m"  # name (the served base model's name on a vLLM server)
+    model_path: str | None = None  # local weights: a GGUF file or a Hugging Face model directory; None = embedded
+    engine: PolicyEngine = PolicyEngine.transformers
+    base_url: str | None = None  # the vLLM server (engine vllm), e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"
+    adapter_root: str | None = None  # where adapters are unpacked for the server to read; None = the cache
+    max_lora_rank: int = Field(16, ge=1)  # the vLLM server's --max-lora-rank (vLLM's default 16): checked before loading
+    device: Device = Device.auto
+    max_concurrency: int = Field(8, ge=1)  # requests in flight to the vLLM server
+    timeout_s: float = Field(300.0, gt=0)
+    batch_size: int = Field(8, ge=1)  # prompts per in-process generation batch
 
 
 class Setting(str, Enum):
@@ -312,24 +342,128 @@ class Setting(str, Enum):
     self_alignment = "self_alignment"  # one model does both
 
 
+class TrainMethod(str, Enum):
+    lora = "lora"  # PEFT LoRA adapter (``train.lora``: peft.LoraConfig fields)
+    full = "full"  # full fine-tuning
+
+
+# Our defaults under the user's values; every other field is TRL's own default.
+SFT_DEFAULTS: dict[str, Any] = {"learning_rate": 2e-5, "num_train_epochs": 1.0, "lr_scheduler_type": "cosine",
+                                "per_device_train_batch_size": 4, "logging_steps": 1, "max_length": 1024}
+DPO_DEFAULTS: dict[str, Any] = {"loss_type": ["sigmoid"], "lr_scheduler_type": "cosine", "per_device_train_batch_size": 4,
+                                "logging_steps": 1, "max_length": 1024}
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def trl_args(kind: str, values: dict[str, Any], output_dir: str | None = None, **runtime: Any) -> Any:
+    """TRL's own config object (``sft``: ``SFTConfig``, ``dpo``: ``DPOConfig``, ``grpo``: ``GRPOConfig``) built
+    from ``values`` (the config section's dict) plus what the runtime sets (``report_to``, device flags). An
+    unknown or wrong field is a ``ValueError`` naming it."""
+    import tempfile
+
+    import trl
+
+    cls = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {', '.join(map(repr, unknown))}")
+    try:
+        return cls(output_dir=output_dir or tempfile.gettempdir(), **{"report_to": "none", **values, **runtime})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cls.__name__}: {e}") from e
+
+
+def lora_config(values: dict[str, Any]) -> Any:
+    """peft's ``LoraConfig`` (causal LM) from the ``train.lora`` dict; an unknown field is a ``ValueError`` naming it."""
+    import peft
+
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown LoraConfig field(s) {', '.join(map(repr, unknown))}")
+    return peft.LoraConfig(**{"task_type": "CAUSAL_LM", **values})
+
+
+# what checking a TRL config sets in place of the runtime's device flags (a CPU-only machine rejects bf16)
+CHECK_FLAGS: dict[str, Any] = {"use_cpu": True, "bf16": False}
+
+
 class TrainConfig(_Model):
-    sft_learning_rate: float = 2e-5
-    sft_epochs: float = 1.0
-    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    dpo_beta: float
-    dpo_learning_rate: float
-    dpo_epochs: float = 2.0
-    lr_scheduler: str = "cosine"
-    lora_r: int = 8
-    lora_alpha: int = 16
+    """Step 9. ``sft`` / ``dpo`` hold ``trl.SFTConfig`` / ``trl.DPOConfig`` fields and ``lora`` ``peft.LoraConfig``
+    fields, validated by constructing them (TRL's names, TRL's defaults): nothing of theirs is re-listed here."""
+
+    method: TrainMethod = TrainMethod.lora
+    lora: dict[str, Any] = Field(default_factory=dict)
+    sft: dict[str, Any] = Field(default_factory=dict)
+    dpo: dict[str, Any] = Field(default_factory=dict)
+    max_sft_rows: int | None = Field(None, ge=1)  # cap on the SFT rows trained on (None: all)
+    max_dpo_pairs: int | None = Field(None, ge=1)
+    register_model: str | None = None  # MLflow registered-model name for each trained model; None = not registered
+
+    @model_validator(mode="after")
+    def _carry_defaults(self) -> "TrainConfig":
+        for name, base in (("sft", SFT_DEFAULTS), ("dpo", DPO_DEFAULTS), ("lora", LORA_DEFAULTS)):
+            merged = {**base, **getattr(self, name)}
+            if merged != getattr(self, name):
+                object.__setattr__(self, name, merged)
+        return self
+
+    def check(self) -> None:
+        """Construct TRL's and peft's config objects from the dicts (importing TRL takes seconds, so this runs in
+        the preflight and when a flow reaches training, not on every config load); raises :class:`ConfigError`
+        naming the key."""
+        for name in ("sft", "dpo"):
+            try:
+                trl_args(name, getattr(self, name), **CHECK_FLAGS)
+            except ValueError as e:
+                raise ConfigError(f"train.{name}: {e}") from None
+        try:
+            lora_config(self.lora)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"train.lora: {e}") from None
+
+    def sft_args(self, output_dir: str, **runtime: Any) -> Any:
+        return trl_args("sft", self.sft, output_dir, **runtime)
+
+    def dpo_args(self, output_dir: str, **runtime: Any) -> Any:
+        return trl_args("dpo", self.dpo, output_dir, **runtime)
+
+    def peft_config(self) -> Any:
+        return lora_config(self.lora) if self.method is TrainMethod.lora else None
 
 
-class OnlineDPOConfig(_Model):
-    iterations: int = 2
-    samples_per_prompt: int = 8
-    temperature: float = 0.8
+class OnlineAlgorithm(str, Enum):
+    dpo = "dpo"  # sample K, verify, gate, pair (chosen > 0.5, rejected 0), one DPOTrainer round per iteration
+    grpo = "grpo"  # TRL's GRPOTrainer with the sandboxed verifiers as its reward function
+
+
+class OnlineConfig(_Model):
+    """Step 10: online (on-policy) training from the offline DPO policy, N iterations."""
+
+    algorithm: OnlineAlgorithm = OnlineAlgorithm.dpo
+    iterations: int = Field(2, ge=0)
+    samples_per_prompt: int = Field(8, ge=1)  # K
+    temperature: float = Field(0.8, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    max_prompts: int | None = Field(None, ge=1)  # training prompts (stage B pairs) per iteration; None = all
     chosen_pass_rate: Threshold = Field(default_factory=lambda: _t(">", 0.5))
     rejected_pass_rate: Threshold = Field(default_factory=lambda: _t("==", 0.0))
+    max_chosen_per_prompt: int = Field(2, ge=1)
+    max_rejected_per_prompt: int = Field(2, ge=1)
+    # against reward hacking (a one-word lowercase reply passes "answer in lowercase"): a chosen sample must
+    # also pass stage B's quality score (``quality_filter``)
+    quality_gate: bool = True
+    dpo: dict[str, Any] = Field(default_factory=dict)  # DPOConfig fields over train.dpo for the online rounds
+    grpo: dict[str, Any] = Field(default_factory=dict)  # GRPOConfig fields (algorithm grpo)
+
+    def check(self) -> None:
+        """As :meth:`TrainConfig.check`, for the online rounds' TRL fields."""
+        for name in ("dpo", "grpo"):
+            try:
+                trl_args(name, getattr(self, name), **CHECK_FLAGS)
+            except ValueError as e:
+                raise ConfigError(f"online.{name}: {e}") from None
 
 
 class EvalConfig(_Model):
@@ -339,6 +473,10 @@ class EvalConfig(_Model):
     max_tokens: int = 1024
     temperature: float = 0.0
     batch_size: int = Field(32, ge=1)  # prompts per generation batch / output part
+    # the pipeline's evaluation (step 12) of the base policy and of each trained one
+    pipeline_benchmarks: list[str] = Field(default_factory=lambda: ["ifeval"])
+    pipeline_limit: int | None = Field(None, ge=1)  # prompts per benchmark (None: all)
+    pipeline_max_tokens: int = Field(512, ge=1)
 
 
 class TaskRunnerKind(str, Enum):
@@ -392,13 +530,14 @@ class RunConfig(_Model):
         """self_alignment: the policy is the supervision model; strong_to_weak: they must differ."""
         if self.setting is Setting.self_alignment:
             if (self.policy.model, self.policy.model_path) != (self.engine.model, self.engine.model_path):
-                object.__setattr__(self, "policy", PolicyConfig(model=self.engine.model, model_path=self.engine.model_path))
+                object.__setattr__(self, "policy", self.policy.model_copy(
+                    update={"model": self.engine.model, "model_path": self.engine.model_path}))
         elif self.policy.model == self.engine.model and self.policy.model_path == self.engine.model_path:
             raise ValueError("setting strong_to_weak needs a policy model other than the supervision engine's "
                              f"({self.engine.model!r}): set policy.model")
         return self
-    train: TrainConfig
-    online_dpo: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -415,7 +554,7 @@ PRESETS: dict[Preset, dict[str, Any]] = {
         },
         "verification": {"pass_rate": {"op": ">", "value": 0.0}},
         "quality_filter": {"score": {"op": ">", "value": 8}},
-        "train": {"dpo_beta": 0.1, "dpo_learning_rate": 5e-6},
+        "train": {"dpo": {"beta": 0.1, "learning_rate": 5e-6}},  # the code's README
     },
     # The ICLR 2025 paper.
     Preset.paper: {
@@ -428,7 +567,8 @@ PRESETS: dict[Preset, dict[str, Any]] = {
         },
         "verification": {"pass_rate": {"op": ">", "value": 0.5}},
         "quality_filter": {"score": {"op": ">=", "value": 8}},
-        "train": {"dpo_beta": 0.3, "dpo_learning_rate": 5e-7, "dpo_epochs": 2.0, "lr_scheduler": "cosine"},
+        "train": {"dpo": {"beta": 0.3, "learning_rate": 5e-7, "lr_scheduler_type": "cosine", "num_train_epochs": 2.0,
+                          "loss_type": ["sigmoid"]}},
     },
 }
 
@@ -439,7 +579,7 @@ SETTINGS: dict[Setting, dict[str, Any]] = {
     Setting.strong_to_weak: {
         "setting": "strong_to_weak",
         "engine": {"kind": "openai", "base_url": "http://127.0.0.1:8000/v1", "model": "Qwen/Qwen2.5-72B-Instruct"},
-        "policy": {"model": "Qwen/Qwen2.5-7B-Instruct"},
+        "policy": {"model": "Qwen/Qwen2.5-7B-Instruct", "engine": "vllm", "base_url": "http://127.0.0.1:8001/v1"},
     },
     # one model writes its own training data (the policy follows the engine)
     Setting.self_alignment: {"setting": "self_alignment"},

@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 
 from autoif.config import (
+    ConfigError,
     EngineConfig,
     EngineKind,
     NLIMode,
     PipelineStep,
+    PolicyEngine,
     RunConfig,
     TaskRunnerKind,
 )
@@ -40,7 +42,28 @@ def check(cfg: RunConfig, until: str | None = None) -> None:
     if last >= PipelineStep.consistency_filter.position and cfg.consistency_filter.mode is NLIMode.nli:
         _nli(cfg)
     check_engine(cfg.engine)
+    if last >= PipelineStep.train_sft.position:
+        _training(cfg)
     _task_runner(cfg)
+
+
+def _training(cfg: RunConfig) -> None:
+    """Stage C: TRL's and peft's config objects construct from ``train`` and ``online`` (an unknown field is
+    named; this imports TRL, a few seconds), the policy's weights exist, a vLLM policy server answers."""
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("peft") is None:
+        raise PreflightError("training (stage C) needs trl and peft: pip install 'autoif-flow[train]'")
+    try:
+        cfg.train.check()
+        cfg.online.check()
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
+    if cfg.policy.model_path is not None and not Path(cfg.policy.model_path).exists():
+        raise PreflightError(f"policy.model_path: not found: {cfg.policy.model_path}")
+    if cfg.policy.engine is PolicyEngine.vllm:
+        if not cfg.policy.base_url:
+            raise PreflightError("policy.engine=vllm needs policy.base_url (the vLLM server, e.g. http://127.0.0.1:8000/v1)")
+        _reachable(EngineConfig(kind=EngineKind.openai, base_url=cfg.policy.base_url, model=cfg.policy.model,
+                                api_key_env=cfg.policy.api_key_env), field="policy.base_url")
 
 
 def check_eval(cfg: RunConfig, benchmark: str, responses_path: str | Path | None = None) -> None:
@@ -157,25 +180,25 @@ def _llamacpp(engine: EngineConfig) -> None:
                              "(or serve the model and use engine.kind=openai)")
 
 
-def _reachable(engine: EngineConfig) -> None:
+def _reachable(engine: EngineConfig, field: str = "engine.base_url") -> None:
     """``GET {base_url}/models`` answers within :data:`REACH_TIMEOUT_S`: the server is up at that address."""
     import httpx
 
     if not engine.base_url:
-        raise PreflightError("engine.base_url is required for engine.kind=openai (e.g. http://127.0.0.1:8000/v1)")
+        raise PreflightError(f"{field} is required for engine.kind=openai (e.g. http://127.0.0.1:8000/v1)")
     url = engine.base_url.rstrip("/") + "/models"
     key = os.environ.get(engine.api_key_env)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         status = httpx.get(url, headers=headers, timeout=REACH_TIMEOUT_S).status_code
     except httpx.TimeoutException:
-        raise PreflightError(f"engine.base_url: no answer from GET {url} within {REACH_TIMEOUT_S:g}s") from None
+        raise PreflightError(f"{field}: no answer from GET {url} within {REACH_TIMEOUT_S:g}s") from None
     except httpx.HTTPError as e:
-        raise PreflightError(f"engine.base_url: cannot reach {url}: {type(e).__name__}: {e}") from None
+        raise PreflightError(f"{field}: cannot reach {url}: {type(e).__name__}: {e}") from None
     if status in (401, 403):
-        raise PreflightError(f"engine.base_url: GET {url} answered HTTP {status}: check the API key in ${engine.api_key_env}")
+        raise PreflightError(f"{field}: GET {url} answered HTTP {status}: check the API key in ${engine.api_key_env}")
     if status == 404:
-        raise PreflightError(f"engine.base_url: GET {url} answered HTTP 404: is this the API root (often ending in /v1)?")
+        raise PreflightError(f"{field}: GET {url} answered HTTP 404: is this the API root (often ending in /v1)?")
 
 
 def _task_runner(cfg: RunConfig) -> None:

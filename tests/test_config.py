@@ -14,10 +14,11 @@ def test_presets_carry_the_method_numbers():
     assert (paper.cross_validation.func_accuracy.op, paper.cross_validation.func_accuracy.value) == (Cmp.gt, 0.5)
     assert str(code.verification.pass_rate) == "> 0" and str(paper.verification.pass_rate) == "> 0.5"
     assert str(code.quality_filter.score) == "> 8" and str(paper.quality_filter.score) == ">= 8"
-    assert (code.train.dpo_beta, code.train.dpo_learning_rate) == (0.1, 5e-6)
-    assert (paper.train.dpo_beta, paper.train.dpo_learning_rate) == (0.3, 5e-7)
+    assert (code.train.dpo["beta"], code.train.dpo["learning_rate"]) == (0.1, 5e-6)
+    assert (paper.train.dpo["beta"], paper.train.dpo["learning_rate"], paper.train.dpo["num_train_epochs"]) == (0.3, 5e-7, 2.0)
+    assert paper.train.dpo["lr_scheduler_type"] == "cosine" and paper.train.dpo["loss_type"] == ["sigmoid"]
     assert code.back_translation.max_funcs == 3 and code.query_augmentation.queries_per_instruction == 16
-    assert code.online_dpo.temperature == 0.8
+    assert code.online.temperature == 0.8 and str(code.online.chosen_pass_rate) == "> 0.5"
     assert paper.preset is Preset.paper
 
 

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextvars
 import os
 import random
+import time
 from typing import Any, Sequence
 
 import httpx
@@ -81,6 +82,10 @@ class OpenAIHTTPLLM:
     @property
     def identity(self) -> str:
         return f"openai:{self.base_url}:{self.model}:{'chat' if self.chat else 'completion'}"
+
+    def load_lora_adapter(self, name: str, path: str | os.PathLike[str]) -> bool:
+        """Load a peft adapter into this (vLLM) server under ``name``: see :func:`load_lora_adapter`."""
+        return load_lora_adapter(self.base_url, name, path, api_key=self.api_key, timeout_s=self.timeout_s)
 
     # --- public sync facade ---------------------------------------------------------------------------
     def generate(
@@ -224,3 +229,107 @@ class OpenAIHTTPLLM:
             raise LLMResponseError(f"{self.base_url}{path}: asked for n={n} string completions, got {texts!r:.300}")
         count(self.usage, completions=len(texts), **tokens)
         return texts
+
+
+# --- runtime LoRA adapters on a vLLM server ------------------------------------------------------------------
+
+
+def server_root(base_url: str) -> str:
+    """``http://host:port`` of an OpenAI base URL (``http://host:port/v1`` -> ``http://host:port``)."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def load_lora_adapter(
+    base_url: str,
+    name: str,
+    path: str | os.PathLike[str],
+    api_key: str | None = None,
+    timeout_s: float = 300.0,
+    max_retries: int = 3,
+    backoff_s: float = 0.5,
+    max_rank: int | None = None,
+) -> bool:
+    """Load the peft adapter in ``path`` into the vLLM server at ``base_url`` under ``name``
+    (``POST {root}/v1/load_lora_adapter``); afterwards requests with ``model=name`` use it.
+
+    Returns True when this call loaded it, False when the server already had ``name`` loaded from the same
+    ``path`` (vLLM answers that with HTTP 400 "has already been loaded": success here). ``name`` loaded from
+    another path, a server without runtime LoRA (404: start it with ``--enable-lora`` and
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), an adapter the server cannot take (rank above
+    ``--max-lora-rank``, missing files, a path the server cannot read) -> :class:`LLMSetupError`; the server
+    unreachable after ``max_retries`` -> :class:`LLMTransientError`. ``path`` must be readable by the server
+    process (same machine or a shared filesystem).
+
+    ``max_rank``: the server's ``--max-lora-rank`` (vLLM's default is 16). An adapter of a higher rank is
+    refused here, before the request, with a message that says so (vLLM 0.32 answers it with an HTTP 500 whose
+    text buries the cause; the server stays up).
+    """
+    if max_rank is not None:
+        rank = adapter_rank(path)
+        if rank is not None and rank > max_rank:
+            raise LLMSetupError(f"LoRA adapter {path} has rank {rank} > the server's max LoRA rank {max_rank}: "
+                                "train with a smaller r or start vLLM with a larger --max-lora-rank")
+    root = server_root(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"lora_name": name, "lora_path": str(path)}
+    last = ""
+    with httpx.Client(base_url=root, headers=headers, timeout=timeout_s) as client:
+        for attempt in range(max_retries + 1):
+            if attempt:
+                time.sleep(backoff_s * (2 ** (attempt - 1)))
+            try:
+                resp = client.post("/v1/load_lora_adapter", json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if resp.status_code == 200:
+                return True
+            text = resp.text[:DETAIL_CHARS]
+            if resp.status_code == 400 and "already been loaded" in resp.text:
+                loaded_from = _lora_roots(client).get(name)
+                if loaded_from is not None and loaded_from != str(path):
+                    raise LLMSetupError(f"{root}: LoRA name {name!r} is already loaded from {loaded_from}, not {path}")
+                return False
+            if resp.status_code == 404:
+                raise LLMSetupError(
+                    f"{root}/v1/load_lora_adapter: HTTP 404 ({text}): start vLLM with --enable-lora and "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True to load adapters at runtime")
+            if resp.status_code in (429, 502, 503, 504):
+                last = f"HTTP {resp.status_code}: {text}"
+                continue
+            alive = _reachable(client)
+            raise LLMSetupError(f"{root}/v1/load_lora_adapter {name!r} from {path}: HTTP {resp.status_code}: {text}"
+                                + ("" if alive else " (and the server does not answer any more)"))
+    raise LLMTransientError(f"{root}/v1/load_lora_adapter: gave up after {max_retries + 1} attempts; last error: {last}")
+
+
+def _lora_roots(client: httpx.Client) -> dict[str, str]:
+    """name -> path of the adapters the server has loaded (its ``/v1/models`` cards with a parent)."""
+    try:
+        resp = client.get("/v1/models")
+        resp.raise_for_status()
+        return {m["id"]: m.get("root") for m in resp.json().get("data", []) if m.get("parent")}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LLMSetupError(f"cannot list the server's loaded adapters: {type(e).__name__}: {e}") from e
+
+
+def _reachable(client: httpx.Client) -> bool:
+    try:
+        return client.get("/v1/models", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def adapter_rank(path: str | os.PathLike[str]) -> int | None:
+    """The largest LoRA rank of the peft adapter in ``path`` (``r`` and any ``rank_pattern`` value), or None
+    when it has no readable ``adapter_config.json``."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+        ranks = [int(cfg["r"])] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return max(ranks)

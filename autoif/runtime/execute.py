@@ -7,6 +7,7 @@ is rebuilt from the config and the resources (engine, sandbox, NLI model) are th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -73,8 +74,10 @@ class _CountingSandbox:
         return results
 
 
-def step_kwargs(spec: StepSpec, cfg: RunConfig, batch_index: int | None = None) -> dict[str, Any]:
-    """The keyword arguments a step function asks for by name: its config section, resources, the seed."""
+def step_kwargs(spec: StepSpec, cfg: RunConfig, batch_index: int | None = None,
+                tracking: dict[str, str] | None = None) -> dict[str, Any]:
+    """The keyword arguments a step function asks for by name: its config section, resources, the seed, and
+    ``report_to`` ("mlflow" when the flow opened an MLflow run for this task run, else "none")."""
     names = {n for n in ("cfg", "llm", "sandbox", "nli", "seed", "batch_index") if spec.wants(n)}
     section = spec.section(cfg)
     kwargs: dict[str, Any] = resources.for_step(names, spec.engine_config(cfg), section)
@@ -86,6 +89,8 @@ def step_kwargs(spec: StepSpec, cfg: RunConfig, batch_index: int | None = None) 
         kwargs["batch_index"] = batch_index or 0
     if "sandbox" in kwargs:
         kwargs["sandbox"] = _CountingSandbox(kwargs["sandbox"])
+    if spec.wants("report_to"):
+        kwargs["report_to"] = "mlflow" if tracking else "none"
     kwargs.update(spec.params)
     return kwargs
 
@@ -94,15 +99,35 @@ def usage_metrics(u: Usage) -> dict[str, float]:
     return {k: v for k, v in u.as_metrics().items() if v}
 
 
-def run_whole_step(spec: StepSpec, cfg: RunConfig, inputs: dict[str, StepRef], key: str) -> StepRef:
-    """A whole (non-batched) step: read its inputs, call its function, write its output and manifest."""
+@contextlib.contextmanager
+def environment(values: dict[str, str] | None) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the block (a tracked step's MLflow run, for the library that logs)."""
+    if not values:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_whole_step(spec: StepSpec, cfg: RunConfig, inputs: dict[str, StepRef], key: str,
+                   tracking: dict[str, str] | None = None) -> StepRef:
+    """A whole (non-batched) step: read its inputs, call its function, write its output and manifest.
+    ``tracking``: the environment of the MLflow run the flow opened for a tracked step (not part of the key)."""
     store = Store.from_config(cfg.store)
     found = store.manifest(cfg.run_name, spec.name, key)
     if found is not None:  # done earlier (Prefect's cache was cleared, or a retried flow run)
         log.info("step %s: reusing %s", spec.name, found.uri)
         return as_ref(found)
     seen: dict[str, int] = {}
-    kwargs = step_kwargs(spec, cfg)
+    kwargs = step_kwargs(spec, cfg, tracking=tracking)
     for name, ref in inputs.items():
         if name in spec.stream:
             kwargs[name] = stream_kept(store, ref, seen, name)
@@ -112,7 +137,7 @@ def run_whole_step(spec: StepSpec, cfg: RunConfig, inputs: dict[str, StepRef], k
             seen[name] = len(frame)
             kwargs[name] = frame
     started = time.monotonic()
-    with usage_scope() as usage:
+    with usage_scope() as usage, environment(tracking):
         out = spec.fn(**kwargs)
     # a step without inputs (seeds) reads its rows from a file: they are its rows in
     funnel = Funnel.of(spec.name, rows_in(seen, spec.funnel_input) if inputs else len(out), out)

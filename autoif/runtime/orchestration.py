@@ -185,22 +185,37 @@ class Step:
         if storage is not None:
             head = head.with_options(result_storage=storage)
             batch_task = batch_task.with_options(result_storage=storage) if batch_task is not None else None
+        training_run = None  # a tracked step not yet in the store: the MLflow run it logs into while it trains
+        if spec.tracked and run.store.manifest(cfg.run_name, spec.name, key) is None:
+            training_run = run.open_training_run(spec.name, key)
+        tracking = run.training_env(training_run) if training_run else None
         try:
             if batch_task is None:
-                ref = head.submit(spec=spec, cfg=cfg, inputs=inputs, key=key).result()
+                ref = head.submit(spec=spec, cfg=cfg, inputs=inputs, key=key, tracking=tracking).result()
                 if run.store.manifest(ref.run, ref.step, ref.key) is None:  # Prefect cached it, the store lost it
                     log.warning("step %s: Prefect's cached result points at %s, which is gone: recomputing", spec.name, ref.uri)
-                    ref = head.with_options(refresh_cache=True).submit(spec=spec, cfg=cfg, inputs=inputs, key=key).result()
+                    if spec.tracked and training_run is None:
+                        training_run = run.open_training_run(spec.name, key)
+                        tracking = run.training_env(training_run)
+                    ref = head.with_options(refresh_cache=True).submit(spec=spec, cfg=cfg, inputs=inputs, key=key,
+                                                                       tracking=tracking).result()
                 done = run.store.manifest(ref.run, ref.step, ref.key)
                 if done is not None and done.created_at >= run.started_at:  # computed in this flow run
                     run.add_usage(done.meta.get("usage") or {})
             else:
                 ref = self._batched(run, head, batch_task, inputs, key)
         except StepFailed:
+            if training_run:
+                run.tracker.end_run(training_run, "FAILED")
             raise
         except Exception as e:  # noqa: BLE001  whatever a task raised: named by step, the cause kept
+            if training_run:
+                run.tracker.end_run(training_run, "FAILED")
             raise StepFailed(spec.name, e) from e
-        manifest = run.record(ref, section=spec.config)
+        if spec.tracked:
+            manifest = run.record_training(ref, section=spec.config, inputs=inputs, training_run=training_run)
+        else:
+            manifest = run.record(ref, section=spec.config)
         emit("step_done", step=spec.name, rows_in=manifest.meta["funnel"]["rows_in"],
              kept=manifest.meta["funnel"]["rows_out"], reused=manifest.created_at < run.started_at, uri=ref.uri)
         return ref

@@ -31,14 +31,16 @@ class PipelineRun:
     started_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
     funnels: list[Funnel] = field(default_factory=list)
     usage: dict[str, float] = field(default_factory=dict)  # LLM usage of the work done in this flow run
+    trained: dict[str, Any] = field(default_factory=dict)  # training step -> lineage.TrainingRecord (this flow run)
+    training_runs: dict[str, str] = field(default_factory=dict)  # training step -> its MLflow run id
 
     def add_usage(self, usage: dict[str, float]) -> None:
         for k, v in usage.items():
             self.usage[k] = self.usage.get(k, 0.0) + float(v)
 
-    def record(self, ref: StepRef, section: str | None) -> Manifest:
+    def record(self, ref: StepRef, section: str | None, training_run: str | None = None) -> Manifest:
         """Log a finished step (also one answered from a cache) to MLflow, with its config ``section`` as
-        params, and as a Prefect table artifact."""
+        params, and as a Prefect table artifact; a training step's record names its training run."""
         m = self.store.manifest(ref.run, ref.step, ref.key)
         if m is None:
             raise RuntimeError(f"step {ref.step}: task returned {ref.uri} but it has no manifest")
@@ -46,12 +48,16 @@ class PipelineRun:
         reused = m.created_at < self.started_at  # written by an earlier flow run
         self.funnels.append(funnel)
         sample = next(iter(self.store.iter_step(m, batch_rows=200)), None)
+        if sample is not None:  # weights and other bytes are no dataset preview
+            sample = sample[[c for c in sample.columns if not sample[c].map(lambda v: isinstance(v, bytes)).any()]]
         params = getattr(self.cfg, section) if section else None
         metrics = {**(m.meta.get("metrics") or {}), **(m.meta.get("usage") or {})}
         if "sandbox_calls" in m.meta:
             metrics["sandbox_calls"] = m.meta["sandbox_calls"]
-        self.tracker.log_step(self.parent_run_id, m, sample, funnel, params if isinstance(params, BaseModel) else None,
-                              reused=reused, metrics=metrics)
+        step_run = self.tracker.log_step(self.parent_run_id, m, sample, funnel,
+                                         params if isinstance(params, BaseModel) else None, reused=reused, metrics=metrics)
+        if training_run is not None:
+            self.tracker.client.set_tag(step_run, "autoif.training_run_id", training_run)
         artifact_table(
             f"{self.cfg.run_name}-{m.step}",
             [{"step": m.step, "rows_in": funnel.rows_in, "kept": funnel.rows_out, "dropped": funnel.dropped, "reason": r,
@@ -60,9 +66,58 @@ class PipelineRun:
         )
         return m
 
+    # --- training steps (StepSpec.tracked): their own MLflow run, open while the task trains ---------------
+
+    def open_training_run(self, step: str, key: str) -> str:
+        from autoif.runtime import lineage
+
+        return lineage.open_training_run(self.tracker, self.parent_run_id, step, key, run_name=f"{self.cfg.run_name}:{step}")
+
+    def training_env(self, training_run: str) -> dict[str, str]:
+        from autoif.runtime import lineage
+
+        return lineage.training_env(self.tracker, training_run)
+
+    def record_training(self, ref: StepRef, section: str | None, inputs: dict[str, StepRef],
+                        training_run: str | None) -> Manifest:
+        """A finished training step: its datasets (the inputs that are not the starting model ``init``), the
+        logged model (and its registered version when ``train.register_model`` says) on the training run; a
+        step answered from the store points at the training run that made it."""
+        from autoif.runtime import lineage
+
+        m = self.store.manifest(ref.run, ref.step, ref.key)
+        if m is None:
+            raise RuntimeError(f"step {ref.step}: task returned {ref.uri} but it has no manifest")
+        frame, _ = self.store.read_step(m)
+        kept = frame[frame["reason"].isna()]
+        if training_run is None:
+            training_run = lineage.find_training_run(self.tracker, m.key)
+        elif len(kept):
+            datasets = []
+            for name, r in inputs.items():
+                if name == "init":
+                    continue
+                dm = self.store.manifest(r.run, r.step, r.key)
+                datasets.append((dm, next(iter(self.store.iter_step(dm, batch_rows=200)), None)))
+            record = lineage.record_training(self.tracker, self.parent_run_id, training_run, kept.iloc[0].to_dict(),
+                                             datasets, self.cfg.train.register_model,
+                                             params={"step": m.step, "key": m.key, "uri": m.uri})
+            self.trained[m.step] = record
+        if training_run is not None:
+            self.training_runs[m.step] = training_run
+        return self.record(ref, section, training_run=training_run)
+
+    def log_iteration(self, prefix: str, iteration: int, values: dict[str, float]) -> None:
+        """Per-iteration values on the flow's MLflow run as one metric history each (``<prefix>.<name>`` at step
+        ``iteration``): the online curve."""
+        from mlflow.entities import Metric
+
+        self.tracker.client.log_batch(self.parent_run_id, metrics=[
+            Metric(f"{prefix}.{k}", float(v), 0, iteration) for k, v in values.items() if v == v])
+
 
 @contextlib.contextmanager
-def pipeline_run(cfg: RunConfig, flow_name: str) -> Iterator[PipelineRun]:
+def pipeline_run(cfg: RunConfig, flow_name: str, parent_run_id: str | None = None) -> Iterator[PipelineRun]:
     """Open the store and the MLflow parent run (tagged with the Prefect flow run); at the end log the run's
     LLM usage, the funnel (markdown, plot, Prefect artifact) and the run's status."""
     from mlflow.entities import Metric
@@ -71,7 +126,7 @@ def pipeline_run(cfg: RunConfig, flow_name: str) -> Iterator[PipelineRun]:
     tracker = Tracker(cfg.tracking)
     flow_run_id = flow_run.get_id()
     url = flow_run.get_flow_run_ui_url() if flow_run_id else None
-    parent = tracker.start_pipeline_run(flow_name, cfg, flow_run_id, url)
+    parent = tracker.start_pipeline_run(flow_name, cfg, flow_run_id, url, parent_run_id=parent_run_id)
     run = PipelineRun(cfg=cfg, flow_name=flow_name, store=Store.from_config(cfg.store), tracker=tracker,
                       parent_run_id=parent)
     status = "FAILED"

@@ -51,6 +51,9 @@ class StepSpec:
     stream: tuple[str, ...] = ()  # inputs read part by part (batched steps: all inputs are streamed)
     with_dropped: tuple[str, ...] = ()  # inputs passed with their dropped rows too (e.g. failed responses for DPO)
     funnel_input: str | None = None  # the input whose rows are the funnel's rows_in (default: all)
+    # a training step: it logs into its own MLflow run while it runs (TRL's callback, ``report_to``), opened
+    # by the flow before the task and finished after it with its datasets and logged model
+    tracked: bool = False
     retries: int = 2
     retry_delay_seconds: float = 5
 
