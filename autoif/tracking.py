@@ -81,8 +81,7 @@ class Tracker:
         metrics: Mapping[str, float] | None = None,
     ) -> str:
         """One nested run per step: params, counts in/out, drop reasons, the output dataset."""
-        import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag, Metric, Param
+        from mlflow.entities import Metric, Param
 
         run = self.client.create_run(
             self.experiment_id,
@@ -101,18 +100,27 @@ class Tracker:
         )
         # the parent run gets the funnel too, prefixed by step, so runs compare side by side
         self.client.log_batch(parent_run_id, metrics=[Metric(f"{manifest.step}.{k}", float(v), 0, 0) for k, v in values.items()])
-        if sample is None:
-            sample = pd.DataFrame({c: [] for c in manifest.columns})
-        with warnings.catch_warnings():  # MLflow registers two local-artifact source classes and warns it picked one
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # a sample, not a model signature
-            ds = mlflow.data.from_pandas(sample, source=manifest.uri, name=manifest.step, digest=manifest.digest[:32])
-            entity = ds._to_mlflow_entity()  # infers the schema: the warning comes from here
         for target in (rid, parent_run_id):
-            self.client.log_inputs(target, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", manifest.step)])])
+            self.client.log_inputs(target, [dataset_input(manifest, sample)])
         self.client.log_text(rid, json.dumps(funnel.as_dict(), indent=2), "funnel.json")
         self.client.set_terminated(rid)
         return rid
+
+
+def dataset_input(manifest: Manifest, sample: pd.DataFrame | None, context: str | None = None):
+    """The MLflow dataset input of a step's output: source = its Parquet URI, digest = the manifest's digest,
+    name = the step; the same entity wherever it is logged (the step's run, the pipeline, a training run)."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    if sample is None:
+        sample = pd.DataFrame({c: [] for c in manifest.columns})
+    with warnings.catch_warnings():  # MLflow registers two local-artifact source classes and warns it picked one
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # a sample, not a model signature
+        ds = mlflow.data.from_pandas(sample, source=manifest.uri, name=manifest.step, digest=manifest.digest[:32])
+        entity = ds._to_mlflow_entity()  # infers the schema: the warning comes from here
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", context or manifest.step)])
 
 
 class Funnel(BaseModel):

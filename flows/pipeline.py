@@ -5,6 +5,7 @@ import datetime as dt
 
 from autoif.flows.data import stage_b
 from autoif.flows.instructions import stage_a
+from autoif.flows.training import stage_c
 from prefect import flow
 
 from autoif.config import PipelineStep, RunConfig, load_config
@@ -15,13 +16,15 @@ from autoif.store import StepRef
 
 @flow(name="autoif-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
 def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
-    """Stage A (instructions, verifiers) then stage B (queries, responses, verification, training data);
-    stage C joins as it lands. ``until`` stops after a step."""
+    """Stage A (instructions, verifiers) then stage B (queries, responses, verification, training data), then,
+    when ``until`` names a training step, stage C (SFT, offline DPO). ``until`` stops after a step."""
     with pipeline_run(cfg, "pipeline") as run:
         refs = stage_a(run, until)
         if PipelineStep(until).position > PipelineStep.consistency_filter.position:
             refs.update(stage_b(run, refs, until))
             log_training_data_cost(run, refs)  # tokens in/out, per kept SFT row and DPO pair
+        if PipelineStep(until).position > PipelineStep.exports.position:
+            refs.update(stage_c(run, refs, until))
         return refs
 
 

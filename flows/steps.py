@@ -14,6 +14,7 @@ from autoif.schemas.evaluation import (
 )
 from autoif.schemas.exports import TRLDPO, TRLSFT, HFIndex, LlamaFactoryRows
 from autoif.schemas.instructions import Instructions, Seeds
+from autoif.schemas.training import TrainedModels
 from autoif.schemas.stage_b import (
     Decontaminated,
     DPOPairs,
@@ -46,6 +47,7 @@ from autoif.tasks import response_generation as rg
 from autoif.tasks import seeds as sd
 from autoif.tasks import self_instruct as si
 from autoif.tasks import stage_b_instructions as sb
+from autoif.tasks import training as tr
 from autoif.tasks import training_data as td
 from autoif.tasks import verification as vf
 from autoif.tasks import verifier_synthesis as vs
@@ -169,3 +171,22 @@ def export_hf(card: ex.CardFacts) -> Step:
     from the step manifests by the flow; source, licence, generation settings) are a fixed parameter, part of
     its key."""
     return Step(StepSpec("export_hf", ex.hf_dataset, schema=HFIndex, config="exports", params={"card_facts": card}))
+
+
+# --- stage C: training (steps 9-10); each its own MLflow run while it trains ------------------------------
+
+
+def _training_key(cfg) -> dict:
+    """Training reads the whole run config (train, policy): the parts that change the model are its key."""
+    from autoif.policy import base_identity
+
+    return {"train": cfg.train.model_dump(mode="json", exclude={"register_model"}),
+            "policy": cfg.policy.model_dump(mode="json", include={"model", "model_path", "device"}),
+            "base": base_identity(cfg.policy)}
+
+
+train_sft = Step(StepSpec("train_sft", tr.train_sft, schema=TrainedModels, key_extra=_training_key, tracked=True,
+                          retries=0))
+
+train_dpo = Step(StepSpec("train_dpo", tr.train_dpo, schema=TrainedModels, key_extra=_training_key, tracked=True,
+                          funnel_input="dpo", retries=0))

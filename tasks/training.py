@@ -1,0 +1,148 @@
+"""AutoIF step 9: SFT, then offline DPO from the SFT adapter, with TRL and peft (plain functions of frames).
+
+A trained model is one :class:`~autoif.schemas.training.TrainedModels` row: its weights (the adapter, or the
+full model, as a zip blob), what it started from, and TRL's training summary. TRL's own MLflow callback logs
+the run when the runtime says ``report_to="mlflow"``; nothing here imports MLflow.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from autoif.config import RunConfig, TrainMethod
+from autoif.policy import base_identity, load_base, pack_weights, train_flags, unpack_weights, weights_digest
+
+COLUMNS = ["model_id", "method", "iteration", "base_model", "base_identity", "parent", "is_adapter", "train_rows", "steps",
+           "train_loss", "reward_margin", "seconds", "log_history", "weights", "weights_digest", "reason"]
+
+
+def _conversation(value: Any) -> list[dict[str, str]]:
+    """A conversation cell as read back from Parquet (an array of dicts) as plain Python."""
+    return [{"role": str(t["role"]), "content": str(t["content"])} for t in list(value)]
+
+
+def _finite(v: Any) -> Any:
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+def _last(history: list[dict], name: str) -> float | None:
+    values = [h[name] for h in history if name in h and _finite(h[name]) is not None]
+    return float(values[-1]) if values else None
+
+
+def _row(model_id: str, method: str, cfg: RunConfig, parent: str, out_dir: Path, trainer: Any, rows: int,
+         seconds: float, iteration: int = 0) -> pd.DataFrame:
+    history = [{k: _finite(v) for k, v in h.items()} for h in trainer.state.log_history]
+    blob = pack_weights(out_dir)
+    return pd.DataFrame([{
+        "model_id": model_id, "method": method, "iteration": iteration, "base_model": cfg.policy.model,
+        "base_identity": base_identity(cfg.policy), "parent": parent, "is_adapter": cfg.train.method is TrainMethod.lora,
+        "train_rows": rows, "steps": int(trainer.state.global_step), "train_loss": _last(history, "train_loss"),
+        "reward_margin": _last(history, "rewards/margins"), "seconds": round(seconds, 3),
+        "log_history": json.dumps(history), "weights": blob, "weights_digest": weights_digest(blob), "reason": None,
+    }], columns=COLUMNS)
+
+
+def _save(trainer: Any, tokenizer: Any, out_dir: Path) -> None:
+    """The adapter (LoRA) or the whole model with its tokenizer (full fine-tuning)."""
+    trainer.model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def _start(cfg: RunConfig, init: pd.DataFrame | None, trainable: bool = True) -> tuple[Any, Any, str]:
+    """(model, tokenizer, parent id): the base with the init model's weights (an adapter kept trainable, or a
+    full model), or the base alone for an empty ``init``."""
+    model, tok = load_base(cfg.policy)
+    if init is None or not len(init):
+        return model, tok, "base"
+    row = init.iloc[0]
+    d = unpack_weights(bytes(row["weights"]))
+    if bool(row["is_adapter"]):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(d), is_trainable=trainable), tok, str(row["model_id"])
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(d)).to(model.device), tok, str(row["model_id"])
+
+
+def train_sft(sft: pd.DataFrame, cfg: RunConfig, seed: int, report_to: str = "none") -> pd.DataFrame:
+    """SFT (``trl.SFTTrainer``) on the TRL conversational export: LoRA from ``train.lora`` or full fine-tuning."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = sft.head(cfg.train.max_sft_rows) if cfg.train.max_sft_rows else sft
+    ds = Dataset.from_list([{"messages": _conversation(m)} for m in rows["messages"]])
+    model, tok, parent = _start(cfg, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = cfg.train.sft_args(str(Path(tmp) / "run"), seed=seed, report_to=report_to, save_strategy="no",
+                                  **train_flags(cfg.policy))
+        started = time.monotonic()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             peft_config=cfg.train.peft_config())
+        trainer.train()
+        out = Path(tmp) / "weights"
+        _save(trainer, tok, out)
+        return _row("sft", "sft", cfg, parent, out, trainer, len(ds), time.monotonic() - started)
+
+
+def dpo_dataset(frame: pd.DataFrame, limit: int | None = None) -> Any:
+    """TRL's conversational preference rows (prompt / chosen / rejected) from the export or from DPO pairs."""
+    from datasets import Dataset
+
+    rows = frame.head(limit) if limit else frame
+
+    def turns(v: Any, role: str) -> list[dict[str, str]]:
+        return [{"role": role, "content": v}] if isinstance(v, str) else _conversation(v)
+
+    return Dataset.from_list([{"prompt": turns(r.prompt, "user"), "chosen": turns(r.chosen, "assistant"),
+                               "rejected": turns(r.rejected, "assistant")} for r in rows.itertuples()])
+
+
+def train_dpo(dpo: pd.DataFrame, init: pd.DataFrame, cfg: RunConfig, seed: int, report_to: str = "none",
+              model_id: str = "dpo", method: str = "dpo", iteration: int = 0,
+              overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Offline DPO (``trl.DPOTrainer``, sigmoid loss from config) that keeps training the init model's adapter;
+    the reference is a frozen copy of the init policy (so the KL anchor is the SFT model, and the adapter still
+    applies to the plain base). An empty ``init`` starts a fresh LoRA on the base."""
+    from trl import DPOTrainer
+
+    ds = dpo_dataset(dpo, cfg.train.max_dpo_pairs)
+    model, tok, parent = _start(cfg, init)
+    ref = None
+    if parent != "base":
+        ref, _, _ = _start(cfg, init, trainable=False)
+        if hasattr(ref, "merge_and_unload"):  # TRL runs the reference as a plain model
+            ref = ref.merge_and_unload()
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    fresh_lora = parent == "base" and cfg.train.method is TrainMethod.lora
+    with tempfile.TemporaryDirectory() as tmp:
+        args = cfg.train.dpo_args(str(Path(tmp) / "run"), seed=seed, report_to=report_to, save_strategy="no",
+                                  **{**(overrides or {}), **train_flags(cfg.policy)})
+        started = time.monotonic()
+        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                             peft_config=cfg.train.peft_config() if fresh_lora else None)
+        trainer.train()
+        out = Path(tmp) / "weights"
+        _save(trainer, tok, out)
+        return _row(model_id, method, cfg, parent, out, trainer, len(ds), time.monotonic() - started, iteration)
+
+
+def adapter_tensors(weights: bytes) -> dict[str, Any]:
+    """The tensors of a packed adapter (tests and benchmarks compare them across training steps)."""
+    from safetensors.torch import load
+
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(weights)) as z:
+        name = next(n for n in z.namelist() if n.endswith(".safetensors"))
+        return load(z.read(name))

@@ -1,0 +1,81 @@
+"""Stage C on the real flow: stage B's canned data (scripted engine) -> SFT -> offline DPO from the SFT adapter,
+training a tiny local Qwen2 with TRL + peft; MLflow lineage from the registered version back to the pipeline."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from autoif.flows.pipeline import autoif_pipeline
+from autoif.tasks.training import adapter_tensors
+from mlflow import MlflowClient
+
+from autoif.config import PipelineStep
+from autoif.runtime.lineage import walk_back
+from autoif.store import Store
+from autoif.tracking import Tracker
+from tests.test_stage_b_flow import stage_b_cfg  # noqa: F401  (fixture)
+from tests.tiny_models import build_tiny_qwen2
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def stage_c_cfg(stage_b_cfg, tmp_path_factory):  # noqa: F811
+    model = build_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "qwen2")
+    small = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "learning_rate": 1e-2}
+    return stage_b_cfg.model_validate({**stage_b_cfg.model_dump(), "setting": "strong_to_weak",
+                                       "policy": {"model": "tiny-qwen2", "model_path": str(model), "device": "cpu"},
+                                       "train": {"sft": small, "dpo": small, "register_model": "autoif-test"}})
+
+
+def test_sft_then_dpo_trains_and_links_lineage(prefect_harness, stage_c_cfg):
+    cfg = stage_c_cfg
+    refs = autoif_pipeline(cfg, until=PipelineStep.train_dpo)
+    store = Store.from_config(cfg.store)
+    sft, _ = store.read_step(refs["train_sft"])
+    dpo, _ = store.read_step(refs["train_dpo"])
+    assert list(sft["model_id"]) == ["sft"] and list(dpo["model_id"]) == ["dpo"] and dpo["parent"].iloc[0] == "sft"
+    a, b = adapter_tensors(sft["weights"].iloc[0]), adapter_tensors(dpo["weights"].iloc[0])
+    lora_b = [k for k in a if "lora_B" in k]
+    assert lora_b and all(float(a[k].abs().sum()) > 0 for k in lora_b)  # LoRA B starts at zero: SFT moved it
+    assert any(float((a[k] - b[k]).abs().sum()) > 0 for k in a)  # DPO kept training the SFT adapter
+    assert sft["steps"].iloc[0] == 2 and dpo["reward_margin"].notna().all()
+
+    tracker = Tracker(cfg.tracking)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    export = store.manifest(refs["export_trl_sft"].run, "export_trl_sft", refs["export_trl_sft"].key)
+    chain = walk_back(tracker, "autoif-test", "1")  # the first registered version: the SFT model
+    assert chain["logged_model_source_run"] == chain["training_run"]
+    assert {"name": "export_trl_sft", "digest": export.digest[:32], "source": export.uri} in chain["datasets"]
+    pipeline_run = client.get_run(chain["pipeline_run"])
+    assert pipeline_run.data.tags["autoif.flow"] == "pipeline"
+    training = client.get_run(chain["training_run"])
+    assert "train_loss" in training.data.metrics  # TRL's own MLflow callback logged into our run
+    assert training.data.params["autoif.model_id"] == "sft" and training.info.status == "FINISHED"
+    artifacts = {f.path for f in client.list_logged_model_artifacts(chain["model_id"])}
+    assert "adapter_config.json" in artifacts and any(p.endswith(".safetensors") for p in artifacts)
+    logged = client.get_logged_model(chain["model_id"])
+    assert logged.params["base_model"] == "tiny-qwen2"
+    versions = client.search_model_versions("name = 'autoif-test'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    dpo_chain = walk_back(tracker, "autoif-test", "2")
+    dpo_export = store.manifest(refs["export_trl_dpo"].run, "export_trl_dpo", refs["export_trl_dpo"].key)
+    assert [d["digest"] for d in dpo_chain["datasets"]] == [dpo_export.digest[:32]]  # the init model is no dataset
+    history = json.loads(dpo["log_history"].iloc[0])
+    assert abs(history[0]["rewards/margins"]) < 1e-3  # the reference is the SFT policy: no margin at step 1
+
+    # a second run of the same config trains nothing: both steps from the store, no new training run
+    n_training = len(client.search_runs([tracker.experiment_id], "tags.`autoif.training` = 'true'"))
+    again = autoif_pipeline(cfg, until=PipelineStep.train_dpo)
+    assert again["train_dpo"].digest == refs["train_dpo"].digest
+    assert len(client.search_runs([tracker.experiment_id], "tags.`autoif.training` = 'true'")) == n_training
+    assert len(client.search_model_versions("name = 'autoif-test'")) == 2
+
+
+def test_unknown_trl_field_is_named_before_training(stage_c_cfg):
+    from autoif.config import ConfigError
+
+    cfg = stage_c_cfg.model_validate({**stage_c_cfg.model_dump(), "train": {"sft": {"learning_rat": 1e-4}}})
+    with pytest.raises(ConfigError, match="train.sft: unknown SFTConfig field.*'learning_rat'"):
+        cfg.train.check()
