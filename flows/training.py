@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from autoif.flows import steps
 from autoif.flows.instructions import stage_a
+from autoif.flows.online import online_iterations
 from prefect import flow
 
 from autoif.config import PipelineStep, RunConfig
@@ -29,7 +30,9 @@ def stage_c(run: PipelineRun, data: dict[str, StepRef], until: PipelineStep = Pi
     refs["train_sft"] = steps.train_sft(run, sft=data["export_trl_sft"])  # 9. SFT (LoRA, or full)
     if reached(PipelineStep.train_dpo) and _rows(run, data["export_trl_dpo"]):
         refs["train_dpo"] = steps.train_dpo(run, dpo=data["export_trl_dpo"], init=refs["train_sft"])  # 9. offline DPO
-    # 10. online iterations and 12. the evaluation of each trained policy: not wired yet (see the closing note)
+    if reached(PipelineStep.online) and run.cfg.online.iterations:  # 10. on-policy rounds from the latest model
+        refs.update(online_iterations(run, prompts=data["query_augmentation"], init=refs.get("train_dpo", refs["train_sft"])))
+    # 12. the evaluation of each trained policy inside the pipeline: not wired yet (see the closing note)
     return refs
 
 

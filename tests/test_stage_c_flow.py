@@ -79,3 +79,37 @@ def test_unknown_trl_field_is_named_before_training(stage_c_cfg):
     cfg = stage_c_cfg.model_validate({**stage_c_cfg.model_dump(), "train": {"sft": {"learning_rat": 1e-4}}})
     with pytest.raises(ConfigError, match="train.sft: unknown SFTConfig field.*'learning_rat'"):
         cfg.train.check()
+
+
+def test_online_iterations_from_the_dpo_model(prefect_harness, stage_c_cfg):
+    """Two online iterations on the tiny policy (gate off: no LLM call): each samples from the previous model,
+    verifies in the sandbox, pairs and trains; per-iteration values are metric histories on the pipeline run."""
+    cfg = stage_c_cfg.model_validate({**stage_c_cfg.model_dump(), "online": {
+        "iterations": 2, "samples_per_prompt": 6, "max_new_tokens": 6, "max_prompts": 4, "quality_gate": False,
+        "dpo": {"max_steps": 1}}})
+    refs = autoif_pipeline(cfg, until=PipelineStep.online)
+    store = Store.from_config(cfg.store)
+    for i in (1, 2):
+        samples, _ = store.read_step(refs[f"online{i}_samples"])
+        assert len(samples) == 4 * 6 and samples["response_index"].max() == 5
+        verified, _ = store.read_step(refs[f"online{i}_verification"])
+        assert verified["pass_rate"].between(0, 1).all()
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([Tracker(cfg.tracking).experiment_id], "tags.`autoif.flow` = 'pipeline'",
+                              order_by=["start_time DESC"], max_results=1)
+    history = client.get_metric_history(runs[0].info.run_id, "online.pass_rate")
+    assert sorted(m.step for m in history) == [1, 2]
+    pairs = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "online.pairs")}
+    gate = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "online.gate_rejected")}
+    assert gate == {1: 0.0, 2: 0.0}  # gate off: nothing rejected, no quality step (no LLM request)
+    assert all(f"online{i}_ungated" in refs and f"online{i}_quality" not in refs for i in (1, 2))
+    trained = [i for i in (1, 2) if pairs[i] > 0]
+    for i in trained:
+        row, _ = store.read_step(refs[f"online{i}_train"])
+        assert row["model_id"].iloc[0] == f"online-{i}" and row["iteration"].iloc[0] == i
+    if trained:  # the iteration's adapter differs from the DPO model it started from
+        dpo, _ = store.read_step(refs["train_dpo"])
+        last, _ = store.read_step(refs[f"online{trained[-1]}_train"])
+        a, b = adapter_tensors(dpo["weights"].iloc[0]), adapter_tensors(last["weights"].iloc[0])
+        assert any(float((a[k] - b[k]).abs().sum()) > 0 for k in a)
+    print("online pairs per iteration:", pairs)
