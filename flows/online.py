@@ -1,7 +1,7 @@
 """AutoIF step 10 as a flow: N online iterations, each from the previous iteration's model.
 
 Iteration i: the policy samples K responses per training prompt at T=0.8 -> stage B's verification in the
-sandbox (kept: pass rate meets ``online.chosen_pass_rate``) -> the quality gate (stage B's score filter, against
+sandbox (kept: pass rate meets ``online.chosen_pass_rate``) -> the contamination check -> the quality gate (stage B's score filter, against
 reward hacking; off: no LLM call) -> query-level pairs (chosen > 0.5, rejected == 0) -> one DPO round from the
 previous model. Every one of these is a cached step named per iteration (``online2_samples`` ...), so a run
 killed in iteration 3 resumes there, iterations 1 and 2 answered from the store.
@@ -45,6 +45,7 @@ def iteration_steps(cfg: RunConfig, i: int) -> dict[str, Step]:
         "samples": Step(StepSpec(f"{p}_samples", on.sample_responses, schema=Responses, params={"iteration": i},
                                  key_extra=_online_key, funnel_input="prompts")),
         "verification": _named(steps.verify_responses, f"{p}_verification"),
+        "contamination": _named(steps.decontaminate, f"{p}_contamination"),
         "quality": _named(steps.score_responses, f"{p}_quality"),
         "ungated": Step(StepSpec(f"{p}_ungated", on.ungated, schema=Scored)),
         "pairs": _named(steps.query_dpo, f"{p}_pairs"),
@@ -65,18 +66,19 @@ def online_iterations(run: PipelineRun, prompts: StepRef, init: StepRef) -> dict
         s = iteration_steps(run.cfg, i)
         samples = refs[s["samples"].name] = s["samples"](run, prompts=prompts, init=model)  # K at T=0.8
         verified = refs[s["verification"].name] = s["verification"](run, responses=samples)  # sandbox pass rates
+        checked = refs[s["contamination"].name] = s["contamination"](run, verified=verified)  # 13-gram overlap
         if run.cfg.online.quality_gate:  # a chosen sample must also pass stage B's quality score
-            clean = refs[s["quality"].name] = s["quality"](run, clean=verified)
+            clean = refs[s["quality"].name] = s["quality"](run, clean=checked)
         else:
-            clean = refs[s["ungated"].name] = s["ungated"](run, verified=verified)
-        pairs = refs[s["pairs"].name] = s["pairs"](run, verified=verified, clean=clean)  # chosen > 0.5, rejected 0
+            clean = refs[s["ungated"].name] = s["ungated"](run, verified=checked)
+        pairs = refs[s["pairs"].name] = s["pairs"](run, verified=checked, clean=clean)  # chosen > 0.5, rejected 0
         n_pairs = _kept(run, pairs)
         if n_pairs:
             model = refs[s["train"].name] = s["train"](run, dpo=pairs, init=model)  # one DPO round
         else:
             print(f"online iteration {i}: no pairs: the model carries over untrained")
         run.log_iteration("online", i, on.iteration_summary(
-            run.store.read_step(verified)[0], _kept(run, verified), _kept(run, clean), n_pairs,
+            run.store.read_step(verified)[0], _kept(run, checked), _kept(run, clean), n_pairs,
             run.store.read_step(model)[0] if n_pairs else None))
     return refs
 

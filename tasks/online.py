@@ -44,7 +44,6 @@ def sample_responses(prompts: pd.DataFrame, init: pd.DataFrame, cfg: RunConfig, 
 def ungated(verified: pd.DataFrame) -> pd.DataFrame:
     """With ``online.quality_gate`` off: the verifier-passing samples are the chosen candidates as they are."""
     out = verified.copy()
-    out["contaminated_fields"] = None
     out["score"] = math.nan
     out["score_analysis"] = ""
     return out

@@ -113,3 +113,40 @@ def test_online_iterations_from_the_dpo_model(prefect_harness, stage_c_cfg):
         a, b = adapter_tensors(dpo["weights"].iloc[0]), adapter_tensors(last["weights"].iloc[0])
         assert any(float((a[k] - b[k]).abs().sum()) > 0 for k in a)
     print("online pairs per iteration:", pairs)
+
+
+def test_quality_gate_rejects_verifier_passing_samples_scored_low(prefect_harness, stage_c_cfg, tmp_path):
+    """Against reward hacking: a sample that passes the verifiers but the judge scores low is not chosen, and
+    the count of such samples is the iteration's gate_rejected."""
+    from autoif.tasks.quality_filter import score_prompt
+
+    from tests.conftest import write_script
+
+    online = {"iterations": 1, "samples_per_prompt": 6, "max_new_tokens": 6, "max_prompts": 4, "dpo": {"max_steps": 1}}
+    ungated = stage_c_cfg.model_validate({**stage_c_cfg.model_dump(), "online": {**online, "quality_gate": False}})
+    refs = autoif_pipeline(ungated, until=PipelineStep.online)
+    store = Store.from_config(ungated.store)
+    verified, _ = store.read_step(refs["online1_verification"])
+    passing = verified[verified["reason"].isna()]
+    assert len(passing) >= 2
+    low = set(passing["response_id"].iloc[::2])  # every other verifier-passing sample is judged poor
+    script = [json.loads(line) for line in open(stage_c_cfg.engine.scripted_path)]
+    script += [{"prompt": score_prompt(r.instruction, r.query, r.response),
+                "outputs": ['{"analysis": "poor", "score": 2}' if r.response_id in low else '{"analysis": "good", "score": 9}']}
+               for r in passing.itertuples()]
+    write_script(tmp_path / "gated.jsonl", script)
+    gated = stage_c_cfg.model_validate({**stage_c_cfg.model_dump(), "online": online,
+                                        "engine": {**stage_c_cfg.engine.model_dump(), "scripted_path": str(tmp_path / "gated.jsonl")}})
+    refs = autoif_pipeline(gated, until=PipelineStep.online)
+    scored, _ = store.read_step(refs["online1_quality"])
+    texts_low = set(passing[passing["response_id"].isin(low)]["response"])
+    texts_high = set(passing[~passing["response_id"].isin(low)]["response"])
+    assert set(scored[scored["reason"] == "low_score"]["response_id"]) == low
+    pairs, _ = store.read_step(refs["online1_pairs"])
+    kept = pairs[pairs["reason"].isna()]
+    assert not (set(kept["chosen"]) & (texts_low - texts_high))  # a low-scored sample is never chosen
+    client = MlflowClient(gated.tracking.tracking_uri)
+    runs = client.search_runs([Tracker(gated.tracking).experiment_id], "tags.`autoif.flow` = 'pipeline'",
+                              order_by=["start_time DESC"], max_results=1)
+    gate = client.get_metric_history(runs[0].info.run_id, "online.gate_rejected")
+    assert [m.value for m in gate] == [float(len(low))]
