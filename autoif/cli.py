@@ -410,6 +410,24 @@ def compare(
 
 
 @app.command()
+def deploy(
+    prefect_file: Path = typer.Option(Path("deployments/prefect.yaml"), "--prefect-file", help="the deployments (prefect.yaml)"),
+    name: list[str] = typer.Option([], "--name", help="only this deployment (repeatable; default: all)"),
+) -> None:
+    """Register the Prefect deployments on the server PREFECT_API_URL names, creating their work pools when
+    missing (= prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml); run from the repo root."""
+    from autoif.deploy import DeployError, register
+
+    try:
+        created = register(prefect_file, name or None)
+    except DeployError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"work pools created: {', '.join(created)}" if created else "work pools: all existed")
+    typer.echo("start a worker: AUTOIF_HOME=$PWD prefect worker start --pool autoif")
+
+
+@app.command()
 def runs(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
     set_: list[str] = typer.Option([], "--set"),
