@@ -371,12 +371,18 @@ def _print_metrics(console, title: str, metrics: dict[str, float]) -> None:
 
 @app.command()
 def compare(
-    runs: list[str] = typer.Argument(..., metavar="RUN...", help="MLflow run ids (or run names) to put side by side"),
+    runs: Optional[list[str]] = typer.Argument(None, metavar="[RUN...]", show_default=False,
+                                               help="MLflow run ids (or run names) to put side by side"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", metavar="RUN_NAME",
+                                           help="a pipeline run (autoif run_name, MLflow run name or id): its evaluations "
+                                                "of base, SFT, DPO and online models side by side (default, without RUN)"),
     all_metrics: bool = typer.Option(False, "--all", help="show every metric, not only the evaluation ones"),
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
     set_: list[str] = typer.Option([], "--set"),
 ) -> None:
-    """Print the evaluation metrics of MLflow runs side by side (e.g. base vs SFT vs DPO)."""
+    """Print the evaluation metrics of MLflow runs side by side: the runs named, or a pipeline's evaluations
+    of base vs SFT vs DPO vs online (``--pipeline``, or no RUN: the latest pipeline run), with its verifier
+    pass rates."""
     cfg = _config(config, None, set_)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -384,6 +390,54 @@ def compare(
     from rich.table import Table
 
     client = MlflowClient(cfg.tracking.tracking_uri)
+    if runs and pipeline is not None:
+        typer.secho("give RUN ids/names or --pipeline, not both", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if not runs:
+        from autoif.flows.evaluate import HEADLINE, PipelineNotFound, pipeline_evaluations
+
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        try:
+            if exp is None:
+                raise PipelineNotFound(f"no MLflow experiment {cfg.tracking.experiment!r}")
+            found = pipeline_evaluations(client, exp.experiment_id, pipeline)
+        except (PipelineNotFound, MlflowException) as e:
+            typer.secho(f"{e} in {cfg.tracking.tracking_uri}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        p = found.pipeline
+        if not found.evaluations:
+            typer.secho(f"pipeline run {p.info.run_name} ({p.info.run_id}) has no policy evaluations", fg=typer.colors.RED,
+                        err=True)
+            raise typer.Exit(1)
+        evals, labels = found.evaluations, found.labels
+        present = {k for r in evals for k in r.data.metrics}
+        if all_metrics:
+            names = sorted(k for k in present if k.startswith(EVAL_PREFIXES))
+        else:
+            names = [f"{b}.{k}" for b in ("ifeval", "ifbench") for k in (*HEADLINE, "n_prompts") if f"{b}.{k}" in present]
+            names += sorted(k for k in present if k.startswith("followbench.") and k.split(".", 1)[1].startswith(("hsr", "ssr", "csl")))
+        table = Table(title=f"pipeline {p.info.run_name} ({p.info.run_id[:8]}): evaluations")
+        table.add_column("metric")
+        for label, r in zip(labels, evals):
+            table.add_column(f"{label}\n{r.info.run_id[:8]}", justify="right")
+        for k in names:
+            table.add_row(k, *[f"{r.data.metrics[k]:.4f}" if k in r.data.metrics else "-" for r in evals])
+        own = {}  # label -> the pass rate of the samples it drew as an online policy (first iteration it sampled)
+        for rate in found.pass_rates:
+            if rate.policy is not None:
+                own.setdefault(rate.policy, rate.value)
+        if any(label in own for label in labels):
+            table.add_row("verifier pass_rate (online samples)", *[f"{own[lb]:.4f}" if lb in own else "-" for lb in labels])
+        console = Console(width=max(120, 44 + 14 * len(evals)))
+        console.print(table)
+        if found.pass_rates:
+            rates = Table(title="verifier pass rates (pipeline run)")
+            for col in ("responses", "sampled by", "mean pass_rate"):
+                rates.add_column(col, justify="right" if col.startswith("mean") else "left")
+            for rate in found.pass_rates:
+                rates.add_row(rate.what, rate.policy or "-", f"{rate.value:.4f}")
+            console.print(rates)
+        return
     found = []
     for ref in runs:
         try:

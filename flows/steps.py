@@ -134,14 +134,19 @@ instruction_dpo = Step(StepSpec("instruction_dpo", td.instruction_pairs, schema=
 
 class EvaluationSteps:
     """The three steps of one evaluation (``<benchmark>_prompts``, ``_responses``, ``_scores``), keyed by
-    its :class:`~autoif.tasks.evaluate.EvalSpec` (benchmark, responses file, limit, judge)."""
+    its :class:`~autoif.tasks.evaluate.EvalSpec` (benchmark, responses file, limit, judge). A policy evaluation
+    (``spec.policy_label``) answers with the policy and names its responses and scores steps after the label
+    (``ifeval_responses_sft``); its responses step takes the model as input ``model`` (none: the base)."""
 
     def __init__(self, spec: ev.EvalSpec) -> None:
         b = spec.benchmark.value
         self.prompts = Step(StepSpec(f"{b}_prompts", ev.load_benchmark, schema=EvalPrompts, config="eval",
                                      params={"benchmark": spec.benchmark, "limit": spec.limit},
                                      key_extra=partial(ev.prompts_key, spec)))
-        if spec.responses_path is not None:
+        if spec.policy_label is not None:  # the policy (base, or base + the input `model`) answers
+            self.responses = Step(StepSpec(f"{b}_responses{spec.step_suffix}", ev.answer_with_policy, schema=EvalResponses,
+                                           key_extra=ev.policy_answer_key))
+        elif spec.responses_path is not None:
             self.responses = Step(StepSpec(f"{b}_responses", ev.responses_from_file, schema=EvalResponses, config="eval",
                                            params={"path": spec.responses_path},
                                            key_extra=partial(ev.responses_key, spec)))
@@ -150,7 +155,7 @@ class EvaluationSteps:
                                            batches=ev.answer_batches, empty=ev.no_responses))
         scorer = ev.score_with_judge if ev.needs_judge(spec) else ev.score
         schema = FollowBenchScores if spec.benchmark is ev.Benchmark.followbench else InstructionScores
-        self.scores = Step(StepSpec(f"{b}_scores", scorer, schema=schema, config="eval", params={"benchmark": spec.benchmark},
+        self.scores = Step(StepSpec(f"{b}_scores{spec.step_suffix}", scorer, schema=schema, config="eval", params={"benchmark": spec.benchmark},
                                     engine=spec.judge or "engine", key_extra=ev.scores_key,
                                     metrics=partial(ev.metrics_of, spec.benchmark)))
 

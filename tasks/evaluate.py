@@ -3,14 +3,20 @@
 Three steps per benchmark, named ``<benchmark>_prompts``, ``<benchmark>_responses``, ``<benchmark>_scores``:
 load the benchmark (the shipped copy or a local file), answer it (the configured engine, in batches, or a
 responses JSONL made elsewhere), score it (reference checkers; FollowBench rules + an LLM judge). What one
-evaluation is beyond the RunConfig (benchmark, responses file, limit, judge engine) is an
+evaluation is beyond the RunConfig (benchmark, responses file, limit, judge engine, or the policy label) is an
 :class:`EvalSpec`; the flows' step table builds the steps for it (``autoif.flows.steps.EvaluationSteps``).
+
+The pipeline's evaluation of the policy (step 12 after training) answers with :func:`answer_with_policy`: the
+base policy, or base + a trained model given as a ``TrainedModels`` input frame (empty or absent = the base), so
+the model's weights are part of the step's key through that input's digest.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -18,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import pandas as pd
 from autoif.tasks.batching import empty_frame, row_batches
 
-from autoif.config import EngineConfig, EvalConfig
+from autoif.config import EngineConfig, EvalConfig, RunConfig
 from autoif.evaluation import followbench as fb
 from autoif.evaluation import verifiable
 from autoif.evaluation.data import (
@@ -30,6 +36,8 @@ from autoif.evaluation.data import (
 )
 from autoif.llm import generate_each
 
+log = logging.getLogger("autoif")
+
 
 @dataclass(frozen=True)
 class EvalSpec:
@@ -39,6 +47,16 @@ class EvalSpec:
     responses_path: str | None = None  # a JSONL {"prompt", "response"} made elsewhere; None = generate
     limit: int | None = None  # first N items only (smoke runs)
     judge: EngineConfig | None = None  # FollowBench judge; None = the run's engine
+    # set: the policy answers (the base, or the trained model the responses step gets as input ``model``); the
+    # label ("base", "sft", "dpo", "online-2") names the responses and scores steps
+    policy_label: str | None = None
+
+    @property
+    def step_suffix(self) -> str:
+        """``_<label>`` (lowercase, ``[a-z0-9_]``) for a policy evaluation, else empty."""
+        if self.policy_label is None:
+            return ""
+        return "_" + (re.sub(r"[^a-z0-9_]+", "_", self.policy_label.lower()).strip("_") or "model")
 
 
 def prompts_path(benchmark: Benchmark, cfg: EvalConfig) -> Path:
@@ -207,6 +225,63 @@ def score_with_judge(prompts: pd.DataFrame, responses: pd.DataFrame, llm: Any, c
 
 
 def model_label(spec: EvalSpec, engine: EngineConfig) -> str:
+    if spec.policy_label is not None:
+        return spec.policy_label
     if spec.responses_path is not None:
         return f"file:{Path(spec.responses_path).name}"
     return f"{engine.kind.value}:{engine.model}"
+
+
+# --- the policy answers: the base, or base + a trained model (step 12 of the pipeline) ---------------------
+
+# PolicyConfig fields that say where and how fast the policy is served, not what it answers
+POLICY_SERVING_FIELDS = {"base_url", "api_key_env", "adapter_root", "max_concurrency", "timeout_s", "max_lora_rank"}
+
+
+def policy_answer_key(cfg: RunConfig) -> dict:
+    """What the policy's answers depend on beyond the prompts and the trained weights (the ``model`` input's
+    digest): the policy section without its serving fields, the base weights' identity, the eval sampling."""
+    from autoif.policy import base_identity
+
+    return {"policy": cfg.policy.model_dump(mode="json", exclude=POLICY_SERVING_FIELDS),
+            "base": base_identity(cfg.policy),
+            "sampling": {"temperature": cfg.eval.temperature, "max_tokens": cfg.eval.pipeline_max_tokens}}
+
+
+def model_row(model: pd.DataFrame | None) -> dict | None:
+    """The one trained model of a ``TrainedModels`` frame (kept rows), or None for the base (no frame, no row)."""
+    if model is None or not len(model):
+        return None
+    if "reason" in model:
+        model = model[model["reason"].isna()]
+    if len(model) > 1:
+        raise ValueError(f"one model per evaluation, got {len(model)} kept rows: {model['model_id'].tolist()}")
+    return None if not len(model) else model.iloc[0].to_dict()
+
+
+def answer_with_policy(prompts: pd.DataFrame, cfg: RunConfig, seed: int, model: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One response per benchmark item from the policy (:func:`autoif.policy.policy_llm`): the base when
+    ``model`` is None or empty, else base + that row's weights; at ``eval.temperature`` and
+    ``eval.pipeline_max_tokens``, ``eval.batch_size`` prompts per engine call (progress in the log). A prompt
+    the engine refuses keeps a dropped row (as :func:`answer_batch`) and scores as an empty response.
+    ``model`` names the answering model (its ``model_id``, or ``base``)."""
+    from autoif.policy import policy_llm
+
+    row = model_row(model)
+    name = "base" if row is None else str(row["model_id"])
+    todo = prompts[prompts["to_answer"]].reset_index(drop=True)
+    if not len(todo):
+        return empty_frame(RESPONSE_COLUMNS + ["model"])
+    llm = policy_llm(cfg.policy, None if row is None else row["weights"])  # served as autoif-<digest>
+    size, parts = cfg.eval.batch_size, []
+    for start in range(0, len(todo), size):
+        batch = todo.iloc[start:start + size]
+        # the seed each prompt would have had in one call over all prompts (engines use seed + i * n)
+        gen = generate_each(llm, batch["prompt"].tolist(), n=1, temperature=cfg.eval.temperature,
+                            max_tokens=cfg.eval.pipeline_max_tokens, seed=None if seed is None else seed + start)
+        parts.append(pd.DataFrame({"item_id": batch["item_id"].tolist(), "prompt": batch["prompt"].tolist(),
+                                   "response": [t[0] if t else "" for t in gen.texts], "source": "engine",
+                                   "error": gen.details, "reason": gen.errors, "model": name},
+                                  columns=RESPONSE_COLUMNS + ["model"]))
+        log.info("evaluation: %s answered %d/%d prompts", name, min(start + size, len(todo)), len(todo))
+    return pd.concat(parts, ignore_index=True)
