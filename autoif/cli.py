@@ -222,7 +222,7 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config"),
     preset: Optional[PresetOption] = typer.Option(None, "--preset", help="thresholds: code (published scripts) or paper"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set cross_validation.func_accuracy=0.5"),
-    until: Optional[str] = typer.Option(None, "--until", help="stop after this step (e.g. self_instruct, cross_validation)"),
+    until: Optional[str] = typer.Option(None, "--until", help="stop after this step (e.g. self_instruct, exports: the data without training; default: evaluation)"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Run the AutoIF pipeline (Prefect flow; outputs to the store; tracked in MLflow)."""
@@ -245,12 +245,16 @@ def run(
             from autoif.config import PipelineStep
             from autoif.flows.pipeline import run_pipeline
 
-            refs = run_pipeline(cfg, until=PipelineStep(until) if until else PipelineStep.exports)
+            refs = run_pipeline(cfg, until=PipelineStep(until) if until else PipelineStep.evaluation)
     from autoif.store import Store
 
     _print_funnel(console, Store.from_config(cfg.store), refs)
     _print_refs(console, refs)
     _print_training_data(console, Store.from_config(cfg.store), refs)
+    if until is None or until == "evaluation":  # base vs SFT vs DPO vs online, as `autoif compare --pipeline`
+        from mlflow import MlflowClient
+
+        _print_pipeline_evaluations(MlflowClient(cfg.tracking.tracking_uri), cfg, cfg.run_name)
 
 
 def _print_funnel(console, store, refs) -> None:
@@ -369,6 +373,58 @@ def _print_metrics(console, title: str, metrics: dict[str, float]) -> None:
     console.print(table)
 
 
+def _print_pipeline_evaluations(client, cfg, pipeline: str | None, all_metrics: bool = False) -> None:
+    """The policy evaluations of a pipeline run (``pipeline``: its autoif run_name, MLflow run name or id; None:
+    the latest with evaluations) side by side, with the verifier pass rates it logged; exit 1 when none."""
+    from mlflow.exceptions import MlflowException
+    from rich.console import Console
+    from rich.table import Table
+
+    from autoif.flows.evaluate import HEADLINE, PipelineNotFound, pipeline_evaluations
+
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    try:
+        if exp is None:
+            raise PipelineNotFound(f"no MLflow experiment {cfg.tracking.experiment!r}")
+        found = pipeline_evaluations(client, exp.experiment_id, pipeline)
+    except (PipelineNotFound, MlflowException) as e:
+        typer.secho(f"{e} in {cfg.tracking.tracking_uri}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    p = found.pipeline
+    if not found.evaluations:
+        typer.secho(f"pipeline run {p.info.run_name} ({p.info.run_id}) has no policy evaluations", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(1)
+    evals, labels = found.evaluations, found.labels
+    present = {k for r in evals for k in r.data.metrics}
+    if all_metrics:
+        names = sorted(k for k in present if k.startswith(EVAL_PREFIXES))
+    else:
+        names = [f"{b}.{k}" for b in ("ifeval", "ifbench") for k in (*HEADLINE, "n_prompts") if f"{b}.{k}" in present]
+        names += sorted(k for k in present if k.startswith("followbench.") and k.split(".", 1)[1].startswith(("hsr", "ssr", "csl")))
+    table = Table(title=f"pipeline {p.info.run_name} ({p.info.run_id[:8]}): evaluations")
+    table.add_column("metric")
+    for label, r in zip(labels, evals):
+        table.add_column(f"{label}\n{r.info.run_id[:8]}", justify="right")
+    for k in names:
+        table.add_row(k, *[f"{r.data.metrics[k]:.4f}" if k in r.data.metrics else "-" for r in evals])
+    own = {}  # label -> the pass rate of the samples it drew as an online policy (first iteration it sampled)
+    for rate in found.pass_rates:
+        if rate.policy is not None:
+            own.setdefault(rate.policy, rate.value)
+    if any(label in own for label in labels):
+        table.add_row("verifier pass_rate (online samples)", *[f"{own[lb]:.4f}" if lb in own else "-" for lb in labels])
+    console = Console(width=max(120, 44 + 14 * len(evals)))
+    console.print(table)
+    if found.pass_rates:
+        rates = Table(title="verifier pass rates (pipeline run)")
+        for col in ("responses", "sampled by", "mean pass_rate"):
+            rates.add_column(col, justify="right" if col.startswith("mean") else "left")
+        for rate in found.pass_rates:
+            rates.add_row(rate.what, rate.policy or "-", f"{rate.value:.4f}")
+        console.print(rates)
+
+
 @app.command()
 def compare(
     runs: Optional[list[str]] = typer.Argument(None, metavar="[RUN...]", show_default=False,
@@ -394,49 +450,7 @@ def compare(
         typer.secho("give RUN ids/names or --pipeline, not both", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     if not runs:
-        from autoif.flows.evaluate import HEADLINE, PipelineNotFound, pipeline_evaluations
-
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        try:
-            if exp is None:
-                raise PipelineNotFound(f"no MLflow experiment {cfg.tracking.experiment!r}")
-            found = pipeline_evaluations(client, exp.experiment_id, pipeline)
-        except (PipelineNotFound, MlflowException) as e:
-            typer.secho(f"{e} in {cfg.tracking.tracking_uri}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
-        p = found.pipeline
-        if not found.evaluations:
-            typer.secho(f"pipeline run {p.info.run_name} ({p.info.run_id}) has no policy evaluations", fg=typer.colors.RED,
-                        err=True)
-            raise typer.Exit(1)
-        evals, labels = found.evaluations, found.labels
-        present = {k for r in evals for k in r.data.metrics}
-        if all_metrics:
-            names = sorted(k for k in present if k.startswith(EVAL_PREFIXES))
-        else:
-            names = [f"{b}.{k}" for b in ("ifeval", "ifbench") for k in (*HEADLINE, "n_prompts") if f"{b}.{k}" in present]
-            names += sorted(k for k in present if k.startswith("followbench.") and k.split(".", 1)[1].startswith(("hsr", "ssr", "csl")))
-        table = Table(title=f"pipeline {p.info.run_name} ({p.info.run_id[:8]}): evaluations")
-        table.add_column("metric")
-        for label, r in zip(labels, evals):
-            table.add_column(f"{label}\n{r.info.run_id[:8]}", justify="right")
-        for k in names:
-            table.add_row(k, *[f"{r.data.metrics[k]:.4f}" if k in r.data.metrics else "-" for r in evals])
-        own = {}  # label -> the pass rate of the samples it drew as an online policy (first iteration it sampled)
-        for rate in found.pass_rates:
-            if rate.policy is not None:
-                own.setdefault(rate.policy, rate.value)
-        if any(label in own for label in labels):
-            table.add_row("verifier pass_rate (online samples)", *[f"{own[lb]:.4f}" if lb in own else "-" for lb in labels])
-        console = Console(width=max(120, 44 + 14 * len(evals)))
-        console.print(table)
-        if found.pass_rates:
-            rates = Table(title="verifier pass rates (pipeline run)")
-            for col in ("responses", "sampled by", "mean pass_rate"):
-                rates.add_column(col, justify="right" if col.startswith("mean") else "left")
-            for rate in found.pass_rates:
-                rates.add_row(rate.what, rate.policy or "-", f"{rate.value:.4f}")
-            console.print(rates)
+        _print_pipeline_evaluations(client, cfg, pipeline, all_metrics)
         return
     found = []
     for ref in runs:

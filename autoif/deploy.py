@@ -4,7 +4,7 @@ A deployment passes JSON parameters, not a :class:`~autoif.config.RunConfig`: ea
 deployment can pass (a config file, a preset, ``key.path=value`` overrides, a run-name template), loads the
 config and calls the flow it stands for, which runs as its subflow on the task runner ``runtime`` names. The
 weekly deployment of the whole pipeline uses ``flows/pipeline.py:scheduled_pipeline``; :func:`pipeline` is
-the same with ``until`` (an on-demand run may stop after any step).
+the same for on-demand runs (both take ``until``; default: through the evaluation).
 
 Registering is Prefect's own ``prefect deploy``; :func:`register` first creates the work pools the file
 names when they are missing. By hand, from the repository root, with ``PREFECT_API_URL`` set:
@@ -59,7 +59,7 @@ def _on_runner(f, cfg: RunConfig):
 
 @flow(name="autoif-deploy-pipeline", log_prints=True)
 def pipeline(config_path: str | None = None, preset: str | None = None, overrides: list[str] | None = None,
-             run_name_template: str = "{run_name}-{date}", until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
+             run_name_template: str = "{run_name}-{date}", until: PipelineStep = PipelineStep.evaluation) -> dict[str, StepRef]:
     """The whole pipeline (``autoif-pipeline``), stopping after ``until``."""
     from autoif.flows.pipeline import run_pipeline
 

@@ -15,9 +15,10 @@ from autoif.store import StepRef
 
 
 @flow(name="autoif-pipeline", flow_run_name="{cfg.run_name}", log_prints=True)
-def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
-    """Stage A (instructions, verifiers) then stage B (queries, responses, verification, training data), then,
-    when ``until`` names a training step, stage C (SFT, offline DPO). ``until`` stops after a step."""
+def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.evaluation) -> dict[str, StepRef]:
+    """Stage A (instructions, verifiers), stage B (queries, responses, verification, training data), stage C
+    (SFT, offline DPO, online iterations) and the evaluation of the base and each trained policy. ``until``
+    stops after a step (``exports``: the data only, no training)."""
     with pipeline_run(cfg, "pipeline") as run:
         refs = stage_a(run, until)
         if PipelineStep(until).position > PipelineStep.consistency_filter.position:
@@ -28,7 +29,7 @@ def autoif_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) 
         return refs
 
 
-def run_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.exports) -> dict[str, StepRef]:
+def run_pipeline(cfg: RunConfig, until: PipelineStep = PipelineStep.evaluation) -> dict[str, StepRef]:
     """The pipeline flow on the task runner ``cfg.runtime`` names (threads, a Dask or a Ray cluster)."""
     return autoif_pipeline.with_options(task_runner=task_runner(cfg.runtime))(cfg, until=until)
 
@@ -39,8 +40,9 @@ def scheduled_pipeline(
     preset: str | None = None,
     overrides: list[str] | None = None,
     run_name_template: str = "{run_name}-{date}",
+    until: PipelineStep = PipelineStep.evaluation,
 ) -> dict[str, StepRef]:
     """Deployment entry point: load the config file, name the run by date so each schedule makes fresh data."""
     cfg = load_config(config_path, preset, overrides or [])
     name = run_name_template.format(run_name=cfg.run_name, date=dt.date.today().isoformat())
-    return run_pipeline(cfg.model_copy(update={"run_name": name}))
+    return run_pipeline(cfg.model_copy(update={"run_name": name}), until=until)

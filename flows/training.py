@@ -7,7 +7,10 @@ cached Prefect task with its own MLflow run (TRL's metrics, the dataset it read,
 """
 from __future__ import annotations
 
+import re
+
 from autoif.flows import steps
+from autoif.flows.evaluate import evaluate_policy
 from autoif.flows.instructions import stage_a
 from autoif.flows.online import online_iterations
 from prefect import flow
@@ -18,7 +21,8 @@ from autoif.store import StepRef
 
 
 def stage_c(run: PipelineRun, data: dict[str, StepRef], until: PipelineStep = PipelineStep.evaluation) -> dict[str, StepRef]:
-    """Stage B's exports (and its prompts) -> trained models -> their evaluations; ``until`` stops after a step."""
+    """Stage B's exports (and its prompts) -> trained models -> their evaluations; ``until`` stops after a step.
+    Without SFT rows nothing trains and only the base policy is evaluated."""
     last = PipelineStep(until).position
     reached = lambda step: last >= step.position  # noqa: E731
     run.cfg.train.check()  # TRL's and peft's config objects construct: an unknown field fails before training
@@ -26,13 +30,28 @@ def stage_c(run: PipelineRun, data: dict[str, StepRef], until: PipelineStep = Pi
     refs: dict[str, StepRef] = {}
     if not _rows(run, data["export_trl_sft"]):
         print("stage C: the SFT export has no rows: nothing to train")
-        return refs
+        return evaluate_policies(run, refs) if reached(PipelineStep.evaluation) else refs
     refs["train_sft"] = steps.train_sft(run, sft=data["export_trl_sft"])  # 9. SFT (LoRA, or full)
     if reached(PipelineStep.train_dpo) and _rows(run, data["export_trl_dpo"]):
         refs["train_dpo"] = steps.train_dpo(run, dpo=data["export_trl_dpo"], init=refs["train_sft"])  # 9. offline DPO
     if reached(PipelineStep.online) and run.cfg.online.iterations:  # 10. on-policy rounds from the latest model
         refs.update(online_iterations(run, prompts=data["query_augmentation"], init=refs.get("train_dpo", refs["train_sft"])))
-    # 12. the evaluation of each trained policy inside the pipeline: not wired yet (see the closing note)
+    if reached(PipelineStep.evaluation):  # 12. the base and each trained policy on the benchmark subset
+        refs.update(evaluate_policies(run, refs))
+    return refs
+
+
+def evaluate_policies(run: PipelineRun, models: dict[str, StepRef]) -> dict[str, StepRef]:
+    """The base policy, then SFT, offline DPO and the last online iteration: each its own MLflow run nested under
+    the pipeline's and linked to its training run; the comparison printed (``autoif compare --pipeline``)."""
+    results: dict[str, dict[str, float]] = {}
+    refs: dict[str, StepRef] = {}
+    for label, step in {"base": None, **trained_models(run, models)}.items():
+        out = evaluate_policy(run, None if step is None else models[step], label)
+        if out is not None:
+            results[label] = out["metrics"]
+            refs.update(out["refs"])
+    print("evaluation of the policies:\n" + comparison_text(results))
     return refs
 
 
@@ -41,19 +60,16 @@ def trained_models(run: PipelineRun, refs: dict[str, StepRef]) -> dict[str, str]
     out = {"sft": "train_sft"}
     if "train_dpo" in refs:
         out["dpo"] = "train_dpo"
-    online = [name for name in refs if name.endswith("_train") and name.startswith(("online", "grpo"))]
-    if online:
-        out[online[-1].removesuffix("_train")] = online[-1]
+    online = [m for m in (re.fullmatch(r"(online|grpo)(\d+)_train", name) for name in refs) if m]
+    if online:  # the last iteration that trained: online3_train -> "online-3"
+        last = max(online, key=lambda m: int(m[2]))
+        out[f"{last[1]}-{last[2]}"] = last[0]
     return out
 
 
 def _rows(run: PipelineRun, ref: StepRef) -> int:
     m = run.store.manifest(ref.run, ref.step, ref.key)
     return int((m.meta.get("funnel") or {}).get("rows_out", 0)) if m else 0
-
-
-def _training_run(run: PipelineRun, ref: StepRef | None) -> str | None:
-    return None if ref is None else run.training_runs.get(ref.step)
 
 
 def comparison_text(results: dict[str, dict[str, float]]) -> str:
