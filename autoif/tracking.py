@@ -6,6 +6,7 @@ source is the Parquet URI and whose digest is the manifest's digest.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import warnings
 from pathlib import Path
@@ -57,7 +58,9 @@ class Tracker:
             tags["prefect.flow_run_id"] = flow_run_id
         if flow_run_url:
             tags["prefect.flow_run_url"] = flow_run_url
-        run = self.client.create_run(self.experiment_id, run_name=f"{cfg.run_name}:{flow_name}", tags=tags)
+        # told apart in the runs list: the run name, the flow and when it started (UTC)
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        run = self.client.create_run(self.experiment_id, run_name=f"{cfg.run_name}:{flow_name} {when}", tags=tags)
         params = flatten(cfg.model_dump(mode="json"))
         from mlflow.entities import Param
 
@@ -80,11 +83,14 @@ class Tracker:
         reused: bool,
         metrics: Mapping[str, float] | None = None,
     ) -> str:
-        """One nested run per step: params, counts in/out, drop reasons, the output dataset."""
+        """One nested run per step: params, counts in/out, drop reasons, the output dataset. Its start and end
+        are the step's own (when its computation started, when its manifest was written), also when reused."""
         from mlflow.entities import Metric, Param
 
+        started, ended = _millis(manifest.meta.get("started_at") or manifest.created_at), _millis(manifest.created_at)
         run = self.client.create_run(
             self.experiment_id,
+            start_time=started,
             run_name=manifest.step,
             tags={"mlflow.parentRunId": parent_run_id, "autoif.step": manifest.step, "autoif.key": manifest.key,
                   "autoif.reused": str(reused).lower(), "autoif.uri": manifest.uri},
@@ -103,8 +109,13 @@ class Tracker:
         for target in (rid, parent_run_id):
             self.client.log_inputs(target, [dataset_input(manifest, sample)])
         self.client.log_text(rid, json.dumps(funnel.as_dict(), indent=2), "funnel.json")
-        self.client.set_terminated(rid)
+        self.client.set_terminated(rid, end_time=max(ended, started))
         return rid
+
+
+def _millis(iso: str) -> int:
+    """A UTC ISO timestamp as MLflow's milliseconds since the epoch."""
+    return int(dt.datetime.fromisoformat(iso).timestamp() * 1000)
 
 
 def dataset_input(manifest: Manifest, sample: pd.DataFrame | None, context: str | None = None):

@@ -5,6 +5,11 @@ sandbox (kept: pass rate meets ``online.chosen_pass_rate``) -> the contamination
 reward hacking; off: no LLM call) -> query-level pairs (chosen > 0.5, rejected == 0) -> one DPO round from the
 previous model. Every one of these is a cached step named per iteration (``online2_samples`` ...), so a run
 killed in iteration 3 resumes there, iterations 1 and 2 answered from the store.
+
+With ``online.algorithm: grpo`` an iteration is one cached, tracked step instead, ``grpo<i>_train``: TRL's
+``GRPOTrainer`` samples K completions per prompt from the previous model, scores each with the same sandboxed
+verifiers (its reward function: the pass rate of the prompt's instruction's functions) and trains on the
+group-relative advantages; the curve is the metric histories ``grpo.<name>``.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from autoif.schemas.training import TrainedModels
 from autoif.tasks import online as on
 from autoif.tasks import training as tr
 
-from autoif.config import PairsConfig, RunConfig
+from autoif.config import OnlineAlgorithm, PairsConfig, RunConfig
 from autoif.runtime import Step, StepSpec
 from autoif.runtime.recording import PipelineRun
 from autoif.store import StepRef
@@ -56,10 +61,20 @@ def iteration_steps(cfg: RunConfig, i: int) -> dict[str, Step]:
     }
 
 
+def grpo_step(cfg: RunConfig, i: int) -> Step:
+    """Iteration ``i`` of online GRPO: sample K per prompt, reward by the sandboxed verifiers, one GRPO round."""
+    return Step(StepSpec(f"grpo{i}_train", tr.train_grpo, schema=TrainedModels, key_extra=_online_key, tracked=True,
+                         funnel_input="prompts", retries=0,
+                         params={"model_id": f"grpo-{i}", "method": "grpo", "iteration": i,
+                                 "overrides": dict(cfg.online.grpo)}))
+
+
 def online_iterations(run: PipelineRun, prompts: StepRef, init: StepRef) -> dict[str, StepRef]:
     """``cfg.online.iterations`` rounds from ``init`` (the offline DPO model); per-iteration values on the
-    pipeline's MLflow run as metric histories ``online.<name>`` (step = iteration)."""
+    pipeline's MLflow run as metric histories ``online.<name>`` (``grpo.<name>`` for GRPO; step = iteration)."""
     run = dataclasses.replace(run, cfg=online_config(run.cfg))  # shares the run's funnels, usage and MLflow run
+    if run.cfg.online.algorithm is OnlineAlgorithm.grpo:
+        return grpo_iterations(run, prompts, init)
     refs: dict[str, StepRef] = {}
     model = init
     for i in range(1, run.cfg.online.iterations + 1):
@@ -80,6 +95,17 @@ def online_iterations(run: PipelineRun, prompts: StepRef, init: StepRef) -> dict
         run.log_iteration("online", i, on.iteration_summary(
             run.store.read_step(verified)[0], _kept(run, checked), _kept(run, clean), n_pairs,
             run.store.read_step(model)[0] if n_pairs else None))
+    return refs
+
+
+def grpo_iterations(run: PipelineRun, prompts: StepRef, init: StepRef) -> dict[str, StepRef]:
+    """Online GRPO: each iteration one GRPO round from the previous model, rewarded in the sandbox."""
+    refs: dict[str, StepRef] = {}
+    model = init
+    for i in range(1, run.cfg.online.iterations + 1):
+        step = grpo_step(run.cfg, i)
+        model = refs[step.name] = step(run, prompts=prompts, init=model)  # K samples, verifier rewards, GRPO update
+        run.log_iteration("grpo", i, tr.grpo_summary(run.store.read_step(model)[0]))  # mean reward = pass rate
     return refs
 
 

@@ -1,4 +1,5 @@
 """The foundation end to end: a real Prefect flow run writes validated Parquet and a linked MLflow run."""
+import datetime as dt
 import json
 
 import pyarrow.parquet as pq
@@ -14,6 +15,19 @@ CANNED = [
     "- Use exactly two hashtags in your response.\n- Écrivez en français uniquement s'il vous plaît, é è ê à ù ç ô",
     "I cannot think of any.",
 ]
+
+
+def _task_runs(name: str):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    async def fetch():
+        async with get_client() as c:
+            return await c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+
+    return asyncio.run(fetch())
 
 
 def script_for(cfg):
@@ -51,6 +65,17 @@ def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tm
     assert step_run.data.params["n_calls"] == "3"
     ds = step_run.inputs.dataset_inputs[0].dataset
     assert json.loads(ds.source)["uri"] == out.uri and ds.digest == out.digest[:32]
+    # the step run spans the step's own computation (started -> manifest written), not the logging
+    m = Store(cfg.store.root).manifest("t1", "self_instruct", out.key)
+    started = dt.datetime.fromisoformat(m.meta["started_at"]).timestamp() * 1000
+    assert step_run.info.start_time == int(started) and step_run.info.end_time == int(
+        dt.datetime.fromisoformat(m.created_at).timestamp() * 1000)
+    assert step_run.data.tags["autoif.reused"] == "false"
+    assert parent.info.run_name.startswith("t1:instructions 20")  # run name, flow and start date tell runs apart
+    url = parent.data.tags.get("prefect.flow_run_url")  # a link to the server's UI, or absent (no UI): never "None/..."
+    assert url is None or (url.startswith("http") and url.endswith(parent.data.tags["prefect.flow_run_id"]))
+    task_runs = _task_runs("self_instruct")
+    assert task_runs and all({f"autoif.key:{out.key}", f"autoif.uri:{out.uri}"} <= set(t.tags) for t in task_runs)
 
     # identical second run: every step from the cache, no LLM call, same versions
     again = build_instructions(cfg, until="self_instruct")
@@ -58,6 +83,14 @@ def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tm
     runs = client.search_runs([exp.experiment_id], "tags.`autoif.flow` = 'instructions'", order_by=["start_time DESC"])
     assert len(runs) == 2 and runs[0].data.metrics["llm_requests"] == 0.0
     assert runs[0].data.metrics["self_instruct.rows_out"] == 42  # the funnel is logged for cached steps too
+    again_step = client.search_runs([exp.experiment_id], "tags.`autoif.step` = 'self_instruct'",
+                                    order_by=["start_time DESC"])
+    latest = max(again_step, key=lambda r: r.info.end_time)  # reused: the same span as the run that computed it
+    assert {r.data.tags["autoif.reused"] for r in again_step} == {"false", "true"}
+    assert {r.info.start_time for r in again_step} == {step_run.info.start_time}
+    cached = [t for t in _task_runs("self_instruct") if t.state_name == "Cached"]
+    assert cached, "Prefect answered the second run's step from its cache, and autoif.reused says so"
+    assert latest.data.tags["autoif.reused"] in ("true", "false")
 
     # a changed self-instruct setting recomputes self_instruct but not seeds
     changed = build_instructions(make_cfg({"self_instruct.n_calls": 2, "run_name": "t1"}), until="self_instruct")

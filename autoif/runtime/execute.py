@@ -8,6 +8,7 @@ is rebuilt from the config and the resources (engine, sandbox, NLI model) are th
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -40,6 +41,12 @@ class BatchResult(BaseModel):
     seconds: float = 0.0
     reused: bool = False  # the part was on the store already (written before a crash)
     process: str = ""  # host:pid that ran it
+    started_at: str | None = None  # UTC ISO time the batch started (None: reused)
+
+
+def utc_now() -> str:
+    """Now as a UTC ISO timestamp (the form manifests' ``created_at`` take)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
 def kept_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -136,13 +143,13 @@ def run_whole_step(spec: StepSpec, cfg: RunConfig, inputs: dict[str, StepRef], k
             frame = frame if name in spec.with_dropped else kept_rows(frame)
             seen[name] = len(frame)
             kwargs[name] = frame
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utc_now()
     with usage_scope() as usage, environment(tracking):
         out = spec.fn(**kwargs)
     # a step without inputs (seeds) reads its rows from a file: they are its rows in
     funnel = Funnel.of(spec.name, rows_in(seen, spec.funnel_input) if inputs else len(out), out)
     meta = {"funnel": funnel.model_dump(), "metrics": spec.metrics(out) if spec.metrics else {},
-            "usage": usage_metrics(usage), "seconds": round(time.monotonic() - started, 3)}
+            "usage": usage_metrics(usage), "seconds": round(time.monotonic() - started, 3), "started_at": started_at}
     m = store.write_step(out, cfg.run_name, spec.name, key, schema=spec.schema,
                          upstream=[r.uri for r in inputs.values()], meta=meta)
     return as_ref(m)
@@ -158,12 +165,13 @@ def run_batch(spec: StepSpec, cfg: RunConfig, key: str, batch_index: int, batch:
         frame, part = earlier
         return _result(spec, batch_index, part, frame, Usage(), 0, 0.0, reused=True)
     kwargs = step_kwargs(spec, cfg, batch_index)
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utc_now()
     with usage_scope() as usage:
         out = spec.fn(batch, **kwargs)
     part = store.write_part(out, cfg.run_name, spec.name, key, batch_index, schema=spec.schema)
     calls = kwargs["sandbox"].calls if "sandbox" in kwargs else 0
-    return _result(spec, batch_index, part, out, usage, calls, time.monotonic() - started)
+    r = _result(spec, batch_index, part, out, usage, calls, time.monotonic() - started)
+    return r.model_copy(update={"started_at": started_at})
 
 
 def _result(spec: StepSpec, index: int, part: Part, frame: pd.DataFrame, usage: Usage, calls: int, seconds: float,
@@ -204,7 +212,8 @@ def commit_batches(spec: StepSpec, cfg: RunConfig, key: str, results: list[Batch
             "metrics": {**totals, **(spec.metrics_final(totals) if spec.metrics_final else {})},
             "usage": usage, "sandbox_calls": sum(r.sandbox_calls for r in results),
             "seconds": round(sum(r.seconds for r in results), 3), "batches": len(results),
-            "batches_reused": sum(r.reused for r in results), "processes": sorted({r.process for r in results})}
+            "batches_reused": sum(r.reused for r in results), "processes": sorted({r.process for r in results}),
+            "started_at": min((r.started_at for r in results if r.started_at), default=None)}
     m = store.commit([r.part for r in results], cfg.run_name, spec.name, key, upstream=upstream, meta=meta)
     return as_ref(m)
 

@@ -181,6 +181,10 @@ class Step:
         key = self.key(cfg, inputs)
         emit("step_start", step=spec.name, key=key)
         head, batch_task = _prefect_tasks(spec)
+        # each task run names the store version it makes (filter task runs by tag in the Prefect UI)
+        labels = {f"autoif.key:{key}", f"autoif.uri:{run.store.uri(cfg.run_name, spec.name, key)}"}
+        head = head.with_options(tags=labels)
+        batch_task = batch_task.with_options(tags=labels) if batch_task is not None else None
         storage = result_storage(cfg)
         if storage is not None:
             head = head.with_options(result_storage=storage)
@@ -190,8 +194,11 @@ class Step:
             training_run = run.open_training_run(spec.name, key)
         tracking = run.training_env(training_run) if training_run else None
         try:
+            cached = False  # Prefect answered the step from its cache (its task run shows Cached)
             if batch_task is None:
-                ref = head.submit(spec=spec, cfg=cfg, inputs=inputs, key=key, tracking=tracking).result()
+                future = head.submit(spec=spec, cfg=cfg, inputs=inputs, key=key, tracking=tracking)
+                ref = future.result()
+                cached = future.state.name == "Cached"
                 if run.store.manifest(ref.run, ref.step, ref.key) is None:  # Prefect cached it, the store lost it
                     log.warning("step %s: Prefect's cached result points at %s, which is gone: recomputing", spec.name, ref.uri)
                     if spec.tracked and training_run is None:
@@ -199,11 +206,12 @@ class Step:
                         tracking = run.training_env(training_run)
                     ref = head.with_options(refresh_cache=True).submit(spec=spec, cfg=cfg, inputs=inputs, key=key,
                                                                        tracking=tracking).result()
+                    cached = False
                 done = run.store.manifest(ref.run, ref.step, ref.key)
                 if done is not None and done.created_at >= run.started_at:  # computed in this flow run
                     run.add_usage(done.meta.get("usage") or {})
             else:
-                ref = self._batched(run, head, batch_task, inputs, key)
+                ref, cached = self._batched(run, head, batch_task, inputs, key)
         except StepFailed:
             if training_run:
                 run.tracker.end_run(training_run, "FAILED")
@@ -213,21 +221,24 @@ class Step:
                 run.tracker.end_run(training_run, "FAILED")
             raise StepFailed(spec.name, e) from e
         if spec.tracked:
-            manifest = run.record_training(ref, section=spec.config, inputs=inputs, training_run=training_run)
+            manifest = run.record_training(ref, section=spec.config, inputs=inputs, training_run=training_run,
+                                           cached=cached)
         else:
-            manifest = run.record(ref, section=spec.config)
+            manifest = run.record(ref, section=spec.config, cached=cached)
         emit("step_done", step=spec.name, rows_in=manifest.meta["funnel"]["rows_in"],
-             kept=manifest.meta["funnel"]["rows_out"], reused=manifest.created_at < run.started_at, uri=ref.uri)
+             kept=manifest.meta["funnel"]["rows_out"], reused=cached or manifest.created_at < run.started_at, uri=ref.uri)
         return ref
 
-    def _batched(self, run: "PipelineRun", head, batch_task, inputs: dict[str, StepRef], key: str) -> StepRef:
+    def _batched(self, run: "PipelineRun", head, batch_task, inputs: dict[str, StepRef], key: str) -> tuple[StepRef, bool]:
+        """The batches, then the commit; (the step's ref, whether Prefect answered the commit from its cache)."""
         from prefect.futures import as_completed
 
         spec, cfg = self.spec, run.cfg
         store = run.store
         upstream = [r.uri for r in inputs.values()]
         if store.manifest(cfg.run_name, spec.name, key) is not None:
-            return head.submit(spec=spec, cfg=cfg, key=key, results=None, n_rows_in=0, upstream=upstream).result()
+            future = head.submit(spec=spec, cfg=cfg, key=key, results=None, n_rows_in=0, upstream=upstream)
+            return future.result(), future.state.name == "Cached"
         head = head.with_options(refresh_cache=True)  # no manifest: whatever Prefect cached for the commit is stale
         seen: dict[str, int] = {}
         streams = {k: execute.stream_kept(store, r, seen, k) for k, r in inputs.items()}
@@ -276,7 +287,7 @@ class Step:
         if failure is not None:
             raise StepFailed(spec.name, failure[1], batch=failure[0]) from failure[1]
         n_in = execute.rows_in(seen, spec.funnel_input)
-        return head.submit(spec=spec, cfg=cfg, key=key, results=results, n_rows_in=n_in, upstream=upstream).result()
+        return head.submit(spec=spec, cfg=cfg, key=key, results=results, n_rows_in=n_in, upstream=upstream).result(), False
 
 
 def _batch_count(store, spec: StepSpec, cfg: RunConfig, inputs: dict[str, StepRef]) -> int | None:

@@ -38,14 +38,15 @@ class PipelineRun:
         for k, v in usage.items():
             self.usage[k] = self.usage.get(k, 0.0) + float(v)
 
-    def record(self, ref: StepRef, section: str | None, training_run: str | None = None) -> Manifest:
+    def record(self, ref: StepRef, section: str | None, training_run: str | None = None, cached: bool = False) -> Manifest:
         """Log a finished step (also one answered from a cache) to MLflow, with its config ``section`` as
-        params, and as a Prefect table artifact; a training step's record names its training run."""
+        params, and as a Prefect table artifact; a training step's record names its training run. Reused:
+        Prefect answered it from its cache (``cached``), or an earlier flow run wrote it."""
         m = self.store.manifest(ref.run, ref.step, ref.key)
         if m is None:
             raise RuntimeError(f"step {ref.step}: task returned {ref.uri} but it has no manifest")
         funnel = Funnel(**m.meta["funnel"])
-        reused = m.created_at < self.started_at  # written by an earlier flow run
+        reused = cached or m.created_at < self.started_at  # as Prefect's Cached, or written by an earlier flow run
         self.funnels.append(funnel)
         sample = next(iter(self.store.iter_step(m, batch_rows=200)), None)
         if sample is not None:  # weights and other bytes are no dataset preview
@@ -79,7 +80,7 @@ class PipelineRun:
         return lineage.training_env(self.tracker, training_run)
 
     def record_training(self, ref: StepRef, section: str | None, inputs: dict[str, StepRef],
-                        training_run: str | None) -> Manifest:
+                        training_run: str | None, cached: bool = False) -> Manifest:
         """A finished training step: its datasets (the inputs that are not the starting model ``init``), the
         logged model (and its registered version when ``train.register_model`` says) on the training run; a
         step answered from the store points at the training run that made it."""
@@ -105,7 +106,7 @@ class PipelineRun:
             self.trained[m.step] = record
         if training_run is not None:
             self.training_runs[m.step] = training_run
-        return self.record(ref, section, training_run=training_run)
+        return self.record(ref, section, training_run=training_run, cached=cached)
 
     def log_iteration(self, prefix: str, iteration: int, values: dict[str, float]) -> None:
         """Per-iteration values on the flow's MLflow run as one metric history each (``<prefix>.<name>`` at step
@@ -126,6 +127,8 @@ def pipeline_run(cfg: RunConfig, flow_name: str, parent_run_id: str | None = Non
     tracker = Tracker(cfg.tracking)
     flow_run_id = flow_run.get_id()
     url = flow_run.get_flow_run_ui_url() if flow_run_id else None
+    if url is not None and not url.startswith(("http://", "https://")):  # an ephemeral run has no UI: no link
+        url = None
     parent = tracker.start_pipeline_run(flow_name, cfg, flow_run_id, url, parent_run_id=parent_run_id)
     run = PipelineRun(cfg=cfg, flow_name=flow_name, store=Store.from_config(cfg.store), tracker=tracker,
                       parent_run_id=parent)
