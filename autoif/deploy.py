@@ -47,6 +47,14 @@ def deployed_config(config_path: str | None, preset: str | None, overrides: list
     return cfg.model_copy(update={"run_name": name})
 
 
+def _shown(cfg: RunConfig, flow_name: str, refs: dict[str, StepRef]) -> dict[str, StepRef]:
+    """The subflow's whole funnel also on this (top-level) flow run's page."""
+    from autoif.runtime.recording import funnel_artifact_of
+
+    funnel_artifact_of(cfg, refs, flow_name)
+    return refs
+
+
 def _on_runner(f, cfg: RunConfig):
     """A flow on the task runner ``cfg.runtime`` names (threads, a Dask or a Ray cluster)."""
     from autoif.runtime import task_runner
@@ -63,7 +71,8 @@ def pipeline(config_path: str | None = None, preset: str | None = None, override
     """The whole pipeline (``autoif-pipeline``), stopping after ``until``."""
     from autoif.flows.pipeline import run_pipeline
 
-    return run_pipeline(deployed_config(config_path, preset, overrides, run_name_template), until=until)
+    cfg = deployed_config(config_path, preset, overrides, run_name_template)
+    return _shown(cfg, "deployment", run_pipeline(cfg, until=until))
 
 
 @flow(name="autoif-deploy-instructions", log_prints=True)
@@ -74,7 +83,7 @@ def instructions(config_path: str | None = None, preset: str | None = None, over
     from autoif.flows.instructions import build_instructions
 
     cfg = deployed_config(config_path, preset, overrides, run_name_template)
-    return _on_runner(build_instructions, cfg)(cfg, until=until)
+    return _shown(cfg, "deployment", _on_runner(build_instructions, cfg)(cfg, until=until))
 
 
 @flow(name="autoif-deploy-data", log_prints=True)
@@ -84,7 +93,7 @@ def data(config_path: str | None = None, preset: str | None = None, overrides: l
     from autoif.flows.data import build_data
 
     cfg = deployed_config(config_path, preset, overrides, run_name_template)
-    return _on_runner(build_data, cfg)(cfg, until=until)
+    return _shown(cfg, "deployment", _on_runner(build_data, cfg)(cfg, until=until))
 
 
 @flow(name="autoif-deploy-train", log_prints=True)
@@ -94,7 +103,7 @@ def train(config_path: str | None = None, preset: str | None = None, overrides: 
     from autoif.flows.training import build_models
 
     cfg = deployed_config(config_path, preset, overrides, run_name_template)
-    return _on_runner(build_models, cfg)(cfg, until=until)
+    return _shown(cfg, "deployment", _on_runner(build_models, cfg)(cfg, until=until))
 
 
 @flow(name="autoif-deploy-evaluate", log_prints=True)

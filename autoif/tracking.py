@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 from pydantic import BaseModel
@@ -82,6 +82,7 @@ class Tracker:
         params: BaseModel | None,
         reused: bool,
         metrics: Mapping[str, float] | None = None,
+        inputs: Sequence[Manifest] = (),
     ) -> str:
         """One nested run per step: params, counts in/out, drop reasons, the output dataset. Its start and end
         are the step's own (when its computation started, when its manifest was written), also when reused."""
@@ -108,6 +109,8 @@ class Tracker:
         self.client.log_batch(parent_run_id, metrics=[Metric(f"{manifest.step}.{k}", float(v), 0, 0) for k, v in values.items()])
         for target in (rid, parent_run_id):
             self.client.log_inputs(target, [dataset_input(manifest, sample)])
+        if inputs:  # lineage: the step's run also names the versions it read
+            self.client.log_inputs(rid, [dataset_input(m, None, context=f"input:{m.step}") for m in inputs])
         self.client.log_text(rid, json.dumps(funnel.as_dict(), indent=2), "funnel.json")
         self.client.set_terminated(rid, end_time=max(ended, started))
         return rid

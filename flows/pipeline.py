@@ -10,7 +10,7 @@ from prefect import flow
 
 from autoif.config import PipelineStep, RunConfig, load_config
 from autoif.runtime import task_runner
-from autoif.runtime.recording import log_training_data_cost, pipeline_run
+from autoif.runtime.recording import funnel_artifact_of, log_training_data_cost, pipeline_run
 from autoif.store import StepRef
 
 
@@ -45,4 +45,7 @@ def scheduled_pipeline(
     """Deployment entry point: load the config file, name the run by date so each schedule makes fresh data."""
     cfg = load_config(config_path, preset, overrides or [])
     name = run_name_template.format(run_name=cfg.run_name, date=dt.date.today().isoformat())
-    return run_pipeline(cfg.model_copy(update={"run_name": name}), until=until)
+    cfg = cfg.model_copy(update={"run_name": name})
+    refs = run_pipeline(cfg, until=until)
+    funnel_artifact_of(cfg, refs, "scheduled")  # the whole funnel on the top-level flow run's page too
+    return refs

@@ -92,9 +92,10 @@ def test_deploy_worker_runs_the_pipeline_deployment(tmp_path, prefect_server, st
                 tasks = await c.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))
                 arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
                 parent_task = await c.read_task_run(subflows[0].parent_task_run_id) if subflows else None
-                return subflows, tasks, arts, parent_task
+                top = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+                return subflows, tasks, arts, parent_task, top
 
-        subflows, tasks, arts, parent_task = asyncio.run(runs_tasks_artifacts())
+        subflows, tasks, arts, parent_task, top = asyncio.run(runs_tasks_artifacts())
     # the deployment's flow run ran the pipeline flow as its subflow, named after the run
     assert len(subflows) == 1 and subflows[0].state.is_completed() and parent_task.flow_run_id == fr.id
     states = {t.name: t.state.name for t in tasks}
@@ -110,3 +111,8 @@ def test_deploy_worker_runs_the_pipeline_deployment(tmp_path, prefect_server, st
     assert json.loads(by_key[_artifact_key(f"{cfg.run_name}-sft")].data)[0]["kept"] == 5  # the run's funnel numbers
     funnel = by_key[_artifact_key(f"{cfg.run_name}-pipeline-funnel")].data
     assert all(f"| {s} |" in funnel for s in STEPS), funnel
+    # the deployment's own (top-level) flow run carries the whole funnel too, with the same numbers
+    top_funnel = next(a for a in top if a.key == _artifact_key(f"{cfg.run_name}-deployment-funnel")).data
+    assert all(f"| {s} |" in top_funnel for s in STEPS) and "| sft | " in top_funnel, top_funnel
+    sft_row = next(line for line in funnel.splitlines() if line.startswith("| sft |"))
+    assert sft_row in top_funnel

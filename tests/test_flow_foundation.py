@@ -71,6 +71,9 @@ def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tm
     assert step_run.info.start_time == int(started) and step_run.info.end_time == int(
         dt.datetime.fromisoformat(m.created_at).timestamp() * 1000)
     assert step_run.data.tags["autoif.reused"] == "false"
+    read = {d.dataset.name: d for d in step_run.inputs.dataset_inputs if d.dataset.name != "self_instruct"}
+    seeds = refs["seeds"]
+    assert read["seeds"].dataset.digest == seeds.digest[:32] and json.loads(read["seeds"].dataset.source)["uri"] == seeds.uri
     assert parent.info.run_name.startswith("t1:instructions 20")  # run name, flow and start date tell runs apart
     url = parent.data.tags.get("prefect.flow_run_url")  # a link to the server's UI, or absent (no UI): never "None/..."
     assert url is None or (url.startswith("http") and url.endswith(parent.data.tags["prefect.flow_run_id"]))

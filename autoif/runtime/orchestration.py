@@ -224,7 +224,7 @@ class Step:
             manifest = run.record_training(ref, section=spec.config, inputs=inputs, training_run=training_run,
                                            cached=cached)
         else:
-            manifest = run.record(ref, section=spec.config, cached=cached)
+            manifest = run.record(ref, section=spec.config, cached=cached, inputs=inputs)
         emit("step_done", step=spec.name, rows_in=manifest.meta["funnel"]["rows_in"],
              kept=manifest.meta["funnel"]["rows_out"], reused=cached or manifest.created_at < run.started_at, uri=ref.uri)
         return ref

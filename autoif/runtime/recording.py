@@ -38,7 +38,8 @@ class PipelineRun:
         for k, v in usage.items():
             self.usage[k] = self.usage.get(k, 0.0) + float(v)
 
-    def record(self, ref: StepRef, section: str | None, training_run: str | None = None, cached: bool = False) -> Manifest:
+    def record(self, ref: StepRef, section: str | None, training_run: str | None = None, cached: bool = False,
+               inputs: dict[str, StepRef] | None = None) -> Manifest:
         """Log a finished step (also one answered from a cache) to MLflow, with its config ``section`` as
         params, and as a Prefect table artifact; a training step's record names its training run. Reused:
         Prefect answered it from its cache (``cached``), or an earlier flow run wrote it."""
@@ -55,8 +56,10 @@ class PipelineRun:
         metrics = {**(m.meta.get("metrics") or {}), **(m.meta.get("usage") or {})}
         if "sandbox_calls" in m.meta:
             metrics["sandbox_calls"] = m.meta["sandbox_calls"]
+        read = [self.store.manifest(r.run, r.step, r.key) for r in (inputs or {}).values()]
         step_run = self.tracker.log_step(self.parent_run_id, m, sample, funnel,
-                                         params if isinstance(params, BaseModel) else None, reused=reused, metrics=metrics)
+                                         params if isinstance(params, BaseModel) else None, reused=reused, metrics=metrics,
+                                         inputs=[x for x in read if x is not None])
         if training_run is not None:
             self.tracker.client.set_tag(step_run, "autoif.training_run_id", training_run)
         artifact_table(
@@ -106,7 +109,7 @@ class PipelineRun:
             self.trained[m.step] = record
         if training_run is not None:
             self.training_runs[m.step] = training_run
-        return self.record(ref, section, training_run=training_run, cached=cached)
+        return self.record(ref, section, training_run=training_run, cached=cached, inputs=inputs)
 
     def log_iteration(self, prefix: str, iteration: int, values: dict[str, float]) -> None:
         """Per-iteration values on the flow's MLflow run as one metric history each (``<prefix>.<name>`` at step
@@ -261,3 +264,16 @@ def artifact_markdown(key: str, md: str, description: str) -> None:
 
     if FlowRunContext.get():
         create_markdown_artifact(markdown=md, key=_artifact_key(key), description=description)
+
+
+def funnel_artifact_of(cfg: RunConfig, refs: dict[str, StepRef], flow_name: str) -> None:
+    """The whole funnel of ``refs`` (read from their manifests) as a markdown artifact of the current flow run:
+    a flow that runs the pipeline as its subflow (a deployment's entry flow) shows it on its own page too."""
+    store = Store.from_config(cfg.store)
+    funnels = []
+    for ref in refs.values():
+        m = store.manifest(ref.run, ref.step, ref.key)
+        if m is not None and m.meta.get("funnel"):
+            funnels.append(Funnel(**m.meta["funnel"]))
+    if funnels:
+        artifact_markdown(f"{cfg.run_name}-{flow_name}-funnel", funnel_markdown(funnels), f"AutoIF funnel of run {cfg.run_name}")
