@@ -98,8 +98,9 @@ class Tracker:
         )
         rid = run.info.run_id
         p = flatten(params.model_dump(mode="json")) if params is not None else {}
+        bins, scalars = split_histograms(metrics or {})
         values = {"rows_in": funnel.rows_in, "rows_out": funnel.rows_out, "rows_dropped": funnel.dropped,
-                  **{f"dropped.{r}": c for r, c in funnel.reasons.items()}, **(metrics or {})}
+                  **{f"dropped.{r}": c for r, c in funnel.reasons.items()}, **scalars}
         self.client.log_batch(
             rid,
             params=[Param(k, v) for k, v in p.items()],
@@ -112,8 +113,25 @@ class Tracker:
         if inputs:  # lineage: the step's run also names the versions it read
             self.client.log_inputs(rid, [dataset_input(m, None, context=f"input:{m.step}") for m in inputs])
         self.client.log_text(rid, json.dumps(funnel.as_dict(), indent=2), "funnel.json")
+        if bins:  # distributions: one table (histogram, bin, count), not a metric per bin
+            table = pd.DataFrame(bins, columns=["histogram", "bin", "count"])
+            self.client.log_table(rid, data=table, artifact_file="histograms.json")
+            self.client.log_table(parent_run_id, data=table.assign(step=manifest.step)[["step", *table.columns]],
+                                  artifact_file=f"histograms/{manifest.step}.json")
         self.client.set_terminated(rid, end_time=max(ended, started))
         return rid
+
+
+def split_histograms(metrics: Mapping[str, float]) -> tuple[list[tuple[str, float, float]], dict[str, float]]:
+    """(histogram rows ``(name, bin, count)`` from the ``<name>.bin_<lo>`` metrics, the other metrics)."""
+    bins, rest = [], {}
+    for k, v in metrics.items():
+        name, sep, lo = k.rpartition(".bin_")
+        if sep:
+            bins.append((name, float(lo), float(v)))  # the bin's lower edge
+        else:
+            rest[k] = v
+    return sorted(bins), rest
 
 
 def _millis(iso: str) -> int:
