@@ -263,18 +263,29 @@ def _print_funnel(console, store, refs) -> None:
 
     from autoif.progress import human
 
-    table = Table(title="funnel")
-    for col in ("step", "in", "kept", "top drop reasons", "llm tokens"):
-        table.add_column(col, justify="right" if col in ("in", "kept", "llm tokens") else "left")
+    from autoif.runtime.recording import kept_instructions
+    from autoif.tracking import Funnel, survival_line
+
+    table = Table(title="funnel (rows of each step; instructions: distinct instructions its kept rows carry)")
+    for col in ("step", "in", "kept", "top drop reasons", "llm tokens", "instructions"):
+        table.add_column(col, justify="right" if col in ("in", "kept", "llm tokens", "instructions") else "left")
+    funnels = []
     for name, ref in refs.items():
         m = store.manifest(ref.run, ref.step, ref.key)
         funnel = (m.meta.get("funnel") if m else None) or {}
         usage = (m.meta.get("usage") if m else None) or {}
         reasons = sorted((funnel.get("reasons") or {}).items(), key=lambda kv: -kv[1])[:3]
         tokens = usage.get("llm_prompt_tokens", 0) + usage.get("llm_completion_tokens", 0)
+        n = kept_instructions(store, m) if m else None
+        if funnel:
+            funnels.append(Funnel(**{**funnel, "instructions": n}))
         table.add_row(name, str(funnel.get("rows_in", "")), str(funnel.get("rows_out", ref.rows)),
-                      ", ".join(f"{r} {c}" for r, c in reasons) or "-", human(tokens) if usage else "-")
+                      ", ".join(f"{r} {c}" for r, c in reasons) or "-", human(tokens) if usage else "-",
+                      "-" if n is None else str(n))
     console.print(table)
+    line = survival_line(funnels)
+    if line:
+        console.print(f"instructions surviving: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_training_data(console, store, refs) -> None:

@@ -156,12 +156,14 @@ def dataset_input(manifest: Manifest, sample: pd.DataFrame | None, context: str 
 
 
 class Funnel(BaseModel):
-    """Counts of one step: rows in, rows kept, and why the others were dropped."""
+    """Counts of one step: rows in, rows kept, and why the others were dropped; ``instructions``: how many
+    distinct instructions its kept rows still carry (the unit every step shares: the run's survival line)."""
 
     step: str
     rows_in: int
     rows_out: int
     reasons: dict[str, int]
+    instructions: int | None = None
 
     @property
     def dropped(self) -> int:
@@ -178,11 +180,20 @@ class Funnel(BaseModel):
 
 
 def funnel_markdown(funnels: list[Funnel]) -> str:
-    lines = ["| step | rows in | kept | dropped | reasons |", "|---|---:|---:|---:|---|"]
+    """Rows per step (each step in its own unit: the rows it reads and writes) and the instructions its kept
+    rows carry, then the run's instruction survival line across the steps that carry instructions."""
+    lines = ["| step | rows in | kept | dropped | reasons | instructions kept |", "|---|---:|---:|---:|---|---:|"]
     for f in funnels:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(f.reasons.items(), key=lambda kv: -kv[1])) or "-"
-        lines.append(f"| {f.step} | {f.rows_in} | {f.rows_out} | {f.dropped} | {reasons} |")
-    return "\n".join(lines)
+        n = "-" if f.instructions is None else str(f.instructions)
+        lines.append(f"| {f.step} | {f.rows_in} | {f.rows_out} | {f.dropped} | {reasons} | {n} |")
+    line = survival_line(funnels)
+    return "\n".join(lines + ([f"\ninstructions surviving: {line}"] if line else []))
+
+
+def survival_line(funnels: list[Funnel]) -> str:
+    """``seeds 40 -> self_instruct 48 -> ... -> sft 3``: distinct instructions kept after each step."""
+    return " -> ".join(f"{f.step} {f.instructions}" for f in funnels if f.instructions is not None)
 
 
 def funnel_figure(funnels: list[Funnel]):

@@ -145,7 +145,7 @@ class EvaluationSteps:
                                      key_extra=partial(ev.prompts_key, spec)))
         if spec.policy_label is not None:  # the policy (base, or base + the input `model`) answers
             self.responses = Step(StepSpec(f"{b}_responses{spec.step_suffix}", ev.answer_with_policy, schema=EvalResponses,
-                                           key_extra=ev.policy_answer_key))
+                                           key_extra=ev.policy_answer_key, funnel_input="prompts"))
         elif spec.responses_path is not None:
             self.responses = Step(StepSpec(f"{b}_responses", ev.responses_from_file, schema=EvalResponses, config="eval",
                                            params={"path": spec.responses_path},
@@ -156,7 +156,7 @@ class EvaluationSteps:
         scorer = ev.score_with_judge if ev.needs_judge(spec) else ev.score
         schema = FollowBenchScores if spec.benchmark is ev.Benchmark.followbench else InstructionScores
         self.scores = Step(StepSpec(f"{b}_scores{spec.step_suffix}", scorer, schema=schema, config="eval", params={"benchmark": spec.benchmark},
-                                    engine=spec.judge or "engine", key_extra=ev.scores_key,
+                                    engine=spec.judge or "engine", key_extra=ev.scores_key, funnel_input="responses",
                                     metrics=partial(ev.metrics_of, spec.benchmark)))
 
 

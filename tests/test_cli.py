@@ -63,6 +63,8 @@ def test_run_runs_show(tmp_path, make_cfg):
     assert "self_instruct done: 40 in, 42 kept" in r.stdout, r.stdout
     funnel = next(l for l in r.stdout.splitlines() if "self_instruct" in l and "│" in l)  # the funnel table's row
     assert "40" in funnel and "42" in funnel and "too_short 1" in funnel, r.stdout
+    # one unit shared by every step: the distinct instructions still kept, across the run
+    assert "instructions surviving: seeds 40 -> self_instruct 42" in r.stdout, r.stdout
     logs = list((tmp_path / ".autoif" / "logs").glob("cli-*.log"))
     assert len(logs) == 1 and "Starting temporary server" in logs[0].read_text()
     r = cli("runs", "--config", str(conf), cwd=tmp_path)

@@ -47,6 +47,7 @@ class PipelineRun:
         if m is None:
             raise RuntimeError(f"step {ref.step}: task returned {ref.uri} but it has no manifest")
         funnel = Funnel(**m.meta["funnel"])
+        funnel.instructions = kept_instructions(self.store, m)
         reused = cached or m.created_at < self.started_at  # as Prefect's Cached, or written by an earlier flow run
         self.funnels.append(funnel)
         sample = next(iter(self.store.iter_step(m, batch_rows=200)), None)
@@ -54,6 +55,8 @@ class PipelineRun:
             sample = sample[[c for c in sample.columns if not sample[c].map(lambda v: isinstance(v, bytes)).any()]]
         params = getattr(self.cfg, section) if section else None
         metrics = {**(m.meta.get("metrics") or {}), **(m.meta.get("usage") or {})}
+        if funnel.instructions is not None:
+            metrics["instructions"] = funnel.instructions
         if "sandbox_calls" in m.meta:
             metrics["sandbox_calls"] = m.meta["sandbox_calls"]
         read = [self.store.manifest(r.run, r.step, r.key) for r in (inputs or {}).values()]
@@ -266,6 +269,16 @@ def artifact_markdown(key: str, md: str, description: str) -> None:
         create_markdown_artifact(markdown=md, key=_artifact_key(key), description=description)
 
 
+def kept_instructions(store: Store, m: Manifest) -> int | None:
+    """Distinct instructions among a step's kept rows (None: its rows carry no ``instruction``)."""
+    if "instruction" not in m.columns:
+        return None
+    cols = ["instruction"] + (["reason"] if "reason" in m.columns else [])
+    frame = store.read_columns(m, cols)
+    kept = frame[frame["reason"].isna()] if "reason" in frame else frame
+    return int(kept["instruction"].nunique())
+
+
 def funnel_artifact_of(cfg: RunConfig, refs: dict[str, StepRef], flow_name: str) -> None:
     """The whole funnel of ``refs`` (read from their manifests) as a markdown artifact of the current flow run:
     a flow that runs the pipeline as its subflow (a deployment's entry flow) shows it on its own page too."""
@@ -274,6 +287,6 @@ def funnel_artifact_of(cfg: RunConfig, refs: dict[str, StepRef], flow_name: str)
     for ref in refs.values():
         m = store.manifest(ref.run, ref.step, ref.key)
         if m is not None and m.meta.get("funnel"):
-            funnels.append(Funnel(**m.meta["funnel"]))
+            funnels.append(Funnel(**{**m.meta["funnel"], "instructions": kept_instructions(store, m)}))
     if funnels:
         artifact_markdown(f"{cfg.run_name}-{flow_name}-funnel", funnel_markdown(funnels), f"AutoIF funnel of run {cfg.run_name}")
