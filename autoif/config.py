@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 import operator
 from enum import Enum
 from pathlib import Path
@@ -369,7 +370,9 @@ def trl_args(kind: str, values: dict[str, Any], output_dir: str | None = None, *
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {', '.join(map(repr, unknown))}")
     try:
-        return cls(output_dir=output_dir or tempfile.gettempdir(), **{"report_to": "none", **values, **runtime})
+        with warnings.catch_warnings():  # TRL's own defaults set a field transformers 5 has deprecated
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+            return cls(output_dir=output_dir or tempfile.gettempdir(), **{"report_to": "none", **values, **runtime})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cls.__name__}: {e}") from e
 
@@ -498,6 +501,10 @@ class RuntimeConfig(_Model):
     # where Prefect keeps task results (small: references and counts); None = local Prefect storage, or
     # <store root>/_prefect_results when the store is on S3 (remote workers need storage they share)
     result_storage: str | None = None
+    # where concurrent runs of one config lock a step (or batch) while one of them computes it, so the others
+    # wait and reuse it: a directory every process shares; None = <store root>/_locks for a local store, no
+    # lock for an S3 store (no shared filesystem: concurrent runs may then compute a step twice)
+    lock_dir: str | None = None
 
 
 class RunConfig(_Model):
@@ -529,6 +536,11 @@ class RunConfig(_Model):
     def _setting_holds(self) -> "RunConfig":
         """self_alignment: the policy is the supervision model; strong_to_weak: they must differ."""
         if self.setting is Setting.self_alignment:
+            asked = {"model", "model_path"} & self.policy.model_fields_set
+            if asked and (self.policy.model, self.policy.model_path) != (self.engine.model, self.engine.model_path):
+                raise ValueError(f"setting self_alignment trains the supervision engine's own model "
+                                 f"({self.engine.model!r}), but policy.{'/'.join(sorted(asked))} names another: "
+                                 "set setting: strong_to_weak to train that one")
             if (self.policy.model, self.policy.model_path) != (self.engine.model, self.engine.model_path):
                 object.__setattr__(self, "policy", self.policy.model_copy(
                     update={"model": self.engine.model, "model_path": self.engine.model_path}))

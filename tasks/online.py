@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 from autoif.tasks.response_generation import RESPONSE_COLUMNS
+from autoif.tasks.training_data import training_prompt
 
 from autoif.config import OnlineConfig, RunConfig
 from autoif.llm import generate_each
@@ -26,11 +27,14 @@ def sample_responses(prompts: pd.DataFrame, init: pd.DataFrame, cfg: RunConfig, 
     weights = bytes(init["weights"].iloc[0]) if len(init) else None
     llm = policy_llm(cfg.policy, weights, policy_model_name(weights))
     batch = training_prompts(prompts, cfg.online)
-    gen = generate_each(llm, batch["prompt"].tolist(), n=cfg.online.samples_per_prompt, temperature=cfg.online.temperature,
+    # the policy answers the prompt it is trained on (query then instruction, as the SFT and DPO rows), not stage
+    # B's supervision template
+    asked = [training_prompt(q, i) for q, i in zip(batch["query"], batch["instruction"])]
+    gen = generate_each(llm, asked, n=cfg.online.samples_per_prompt, temperature=cfg.online.temperature,
                         max_tokens=cfg.online.max_new_tokens, seed=seed + 1000 * iteration)
     rows = []
-    for pair, texts, error in zip(batch.to_dict("records"), gen.texts, gen.errors):
-        base = {k: pair[k] for k in RESPONSE_COLUMNS if k in pair and k != "reason"}
+    for pair, prompt, texts, error in zip(batch.to_dict("records"), asked, gen.texts, gen.errors):
+        base = {**{k: pair[k] for k in RESPONSE_COLUMNS if k in pair and k != "reason"}, "prompt": prompt}
         if texts is None:
             rows.append({**base, "response_id": f"{pair['pair_id']}-0", "response_index": 0, "response": None, "reason": error})
             continue

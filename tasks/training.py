@@ -183,11 +183,13 @@ def verifier_reward(pairs: pd.DataFrame, cfg: Any, sandbox: Any) -> Any:
 
 
 def grpo_dataset(prompts: pd.DataFrame) -> Any:
-    """TRL's conversational prompt-only rows (``prompt``: the user turn) with the ``pair_id`` the reward reads."""
+    """TRL's conversational prompt-only rows (``prompt``: the user turn the policy is trained on, query then
+    instruction as in the SFT and DPO data) with the ``pair_id`` the reward reads."""
     from datasets import Dataset
+    from autoif.tasks.training_data import training_prompt
 
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": str(r.prompt)}], "pair_id": str(r.pair_id)}
-                              for r in prompts.itertuples()])
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": training_prompt(str(r.query), str(r.instruction))}],
+                               "pair_id": str(r.pair_id)} for r in prompts.itertuples()])
 
 
 def grpo_args(cfg: RunConfig, output_dir: str, overrides: dict[str, Any] | None = None, **runtime: Any) -> Any:

@@ -69,3 +69,12 @@ def test_overrides_never_change_the_presets():
     load_config(overrides=["cross_validation.func_accuracy=0.1", "verification.pass_rate.op=>="])
     fresh = load_config()
     assert str(fresh.cross_validation.func_accuracy) == ">= 0.8" and str(fresh.verification.pass_rate) == "> 0"
+
+
+def test_self_alignment_refuses_a_policy_it_would_ignore():
+    """self_alignment trains the supervision model: a policy model set by hand is an error, not silently dropped."""
+    with pytest.raises(ConfigError, match="self_alignment.*policy.model_path.*strong_to_weak"):
+        load_config(overrides=["policy.model_path=/models/other"])
+    cfg = load_config(overrides=["setting=strong_to_weak", "policy.model=other", "policy.model_path=/models/other"])
+    assert cfg.policy.model_path == "/models/other"
+    assert load_config(overrides=["engine.model=m2"]).policy.model == "m2"  # unset: follows the engine
