@@ -17,15 +17,17 @@ CANNED = [
 ]
 
 
-def _task_runs(name: str):
+def _task_runs(name: str, flow_run_ids: list[str]):
+    """The task runs named ``name`` of these flow runs (the Prefect harness is shared by the whole session)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
     async def fetch():
         async with get_client() as c:
-            return await c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+            return await c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])),
+                                          flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
 
     return asyncio.run(fetch())
 
@@ -77,7 +79,7 @@ def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tm
     assert parent.info.run_name.startswith("t1:instructions 20")  # run name, flow and start date tell runs apart
     url = parent.data.tags.get("prefect.flow_run_url")  # a link to the server's UI, or absent (no UI): never "None/..."
     assert url is None or (url.startswith("http") and url.endswith(parent.data.tags["prefect.flow_run_id"]))
-    task_runs = _task_runs("self_instruct")
+    task_runs = _task_runs("self_instruct", [parent.data.tags["prefect.flow_run_id"]])
     assert task_runs and all({f"autoif.key:{out.key}", f"autoif.uri:{out.uri}"} <= set(t.tags) for t in task_runs)
 
     # identical second run: every step from the cache, no LLM call, same versions
@@ -88,12 +90,12 @@ def test_flow_writes_parquet_and_mlflow_and_caches(prefect_harness, make_cfg, tm
     assert runs[0].data.metrics["self_instruct.rows_out"] == 42  # the funnel is logged for cached steps too
     again_step = client.search_runs([exp.experiment_id], "tags.`autoif.step` = 'self_instruct'",
                                     order_by=["start_time DESC"])
-    latest = max(again_step, key=lambda r: r.info.end_time)  # reused: the same span as the run that computed it
+    latest = next(r for r in again_step if r.data.tags["mlflow.parentRunId"] == runs[0].info.run_id)  # the second run's
     assert {r.data.tags["autoif.reused"] for r in again_step} == {"false", "true"}
     assert {r.info.start_time for r in again_step} == {step_run.info.start_time}
-    cached = [t for t in _task_runs("self_instruct") if t.state_name == "Cached"]
+    cached = [t for t in _task_runs("self_instruct", [runs[0].data.tags["prefect.flow_run_id"]]) if t.state_name == "Cached"]
     assert cached, "Prefect answered the second run's step from its cache, and autoif.reused says so"
-    assert latest.data.tags["autoif.reused"] in ("true", "false")
+    assert latest.data.tags["autoif.reused"] == "true"  # reused: the same span as the run that computed it
 
     # a changed self-instruct setting recomputes self_instruct but not seeds
     changed = build_instructions(make_cfg({"self_instruct.n_calls": 2, "run_name": "t1"}), until="self_instruct")
