@@ -501,10 +501,6 @@ class RuntimeConfig(_Model):
     # where Prefect keeps task results (small: references and counts); None = local Prefect storage, or
     # <store root>/_prefect_results when the store is on S3 (remote workers need storage they share)
     result_storage: str | None = None
-    # where concurrent runs of one config lock a step (or batch) while one of them computes it, so the others
-    # wait and reuse it: a directory every process shares; None = <store root>/_locks for a local store, no
-    # lock for an S3 store (no shared filesystem: concurrent runs may then compute a step twice)
-    lock_dir: str | None = None
 
 
 class RunConfig(_Model):
